@@ -1,0 +1,57 @@
+"""Atomic checkpoints, loaded with ``torch.load(weights_only=True)``.
+
+A checkpoint is one dict of tensors and plain Python values: every net's state dict, every
+optimizer / scheduler state, the trainer position (step, epoch, batch within the epoch), RNG
+states and the resolved config. It is written to a temporary file in the same folder and
+renamed over the target, so a crash mid-write never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LATEST = "latest.pt"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated file or a pickle that is not weights-only
+        raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """``""`` -> None, ``"auto"`` -> the run's latest checkpoint if one exists, else the given path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        latest = run_dir / LATEST
+        return latest if latest.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise ValueError(f"train.resume: checkpoint not found: {path}")
+    return path

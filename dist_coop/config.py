@@ -1,0 +1,318 @@
+"""Configuration: one frozen, keyword-only dataclass per section, loaded from plain YAML.
+
+YAML is read with ``yaml.safe_load`` (no code-executing tags). Every value is checked on load:
+an unknown key names the nearest valid one, a wrong type or a bad value names the field.
+Command-line overrides look like ``--coop.alpha=0.5`` (the value is parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_coop.models.adaptive import GATE_MODES
+from dist_coop.models.masks import KEEP_MODES
+from dist_coop.models.norm import BN_MODES
+from dist_coop.models.registry import check_model_name
+
+
+def _choice(section: str, name: str, value: object, choices: typing.Iterable[object]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{section}.{name} must be one of {choices}, got {value!r}")
+
+
+def _positive(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "resnet32"
+    width: int = 0  # base channels; 0 = the backbone's default
+    in_channels: int = 3
+    num_classes: int = 10
+    keep: str = "prefix"  # prefix | spread
+    gate: str = "learned"  # learned | none
+    bn: str = "shared"  # shared (per-depth statistics) | private (switchable BN)
+    leader_name: str = ""  # "" = same backbone as the Teammates
+    leader_width: int = 0  # 0 = same width as the Teammates
+
+    def __post_init__(self) -> None:
+        check_model_name(self.name, "model.name")
+        if self.leader_name:
+            check_model_name(self.leader_name, "model.leader_name")
+        _choice("model", "keep", self.keep, KEEP_MODES)
+        _choice("model", "gate", self.gate, GATE_MODES)
+        _choice("model", "bn", self.bn, BN_MODES)
+        for name in ("in_channels", "num_classes"):
+            _positive("model", name, getattr(self, name))
+        for name in ("width", "leader_width"):
+            _positive("model", name, getattr(self, name), allow_zero=True)
+
+
+TASKS = ("cooperative", "independent")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoopConfig:
+    """The cooperative objective (DESIGN.md section 1); every rung of the ablation ladder is a setting."""
+
+    task: str = "cooperative"  # cooperative | independent (one separate net per depth)
+    scaling_factors: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    temperature: float = 4.0
+    teammates: int = 2  # 1 = self-learning only, 2 = interactive learning
+    leader: bool = True  # guided learning
+    sub_nets: bool = True  # False = train the full net only (truncate at inference)
+    self_kd: bool = True  # sub-nets distil from their own full net
+    alpha: float = 1.0  # interactive: weight of KD from the other Teammate
+    beta: float = 1.0  # guided: weight of KD from the Leader
+    gamma: float = 1.0  # SFSL exponent; 0 = uniform weights
+    leader_kd: float = 0.0  # Leader's KD from the Teammates' mean (off by default)
+
+    def __post_init__(self) -> None:
+        _choice("coop", "task", self.task, TASKS)
+        if not self.scaling_factors:
+            raise ValueError("coop.scaling_factors must not be empty")
+        for s in self.scaling_factors:
+            if not 0.0 < s <= 1.0:
+                raise ValueError(f"coop.scaling_factors must be in (0, 1], got {s}")
+        if 1.0 not in self.scaling_factors:
+            raise ValueError(f"coop.scaling_factors must include 1.0 (the full net), got {list(self.scaling_factors)}")
+        if len(set(self.scaling_factors)) != len(self.scaling_factors):
+            raise ValueError(f"coop.scaling_factors has duplicates: {list(self.scaling_factors)}")
+        _choice("coop", "teammates", self.teammates, (1, 2))
+        _positive("coop", "temperature", self.temperature)
+        for name in ("alpha", "beta", "gamma", "leader_kd"):
+            _positive("coop", name, getattr(self, name), allow_zero=True)
+        if self.beta > 0 and not self.leader:
+            raise ValueError("coop.beta > 0 needs coop.leader: true (or set coop.beta: 0)")
+        if self.leader_kd > 0 and not self.leader:
+            raise ValueError("coop.leader_kd > 0 needs coop.leader: true")
+
+
+DATASETS = ("fashion_mnist",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    root: str = ""  # folder with the IDX .gz files; "" = /usr/share/datasets/fashion-mnist
+    train_subset: int = 0  # first N training samples (0 = all); a fixed, class-balanced prefix
+    val_subset: int = 0  # 0 = the full test split
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    augment: bool = True  # random crop with padding + horizontal flip, on tensors
+    crop_padding: int = 2
+
+    def __post_init__(self) -> None:
+        _choice("data", "dataset", self.dataset, DATASETS)
+        for name in ("batch_size", "eval_batch_size"):
+            _positive("data", name, getattr(self, name))
+        for name in ("train_subset", "val_subset", "crop_padding"):
+            _positive("data", name, getattr(self, name), allow_zero=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of training
+    step_gamma: float = 0.1
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    grad_clip: float = 2.0  # max global grad norm per net; 0 = off (mutual KD at lr 0.1 diverged without it)
+    amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
+
+    def __post_init__(self) -> None:
+        _choice("optim", "name", self.name, ("sgd", "adamw"))
+        _choice("optim", "schedule", self.schedule, ("cosine", "step", "constant"))
+        _choice("optim", "amp", self.amp, ("none", "bf16", "fp16", "auto"))
+        _positive("optim", "lr", self.lr)
+        for name in ("momentum", "weight_decay", "warmup_steps", "grad_clip", "step_gamma"):
+            _positive("optim", name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if any(not 0.0 < m < 1.0 for m in self.milestones):
+            raise ValueError(f"optim.milestones are fractions of training in (0, 1), got {list(self.milestones)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs * steps per epoch; else stop after this many steps
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str = ""  # "" = the config file's stem
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch.set_num_threads; 0 = leave as is
+    log_every: int = 20  # steps
+    eval_every: int = 1  # epochs
+    checkpoint_every: int = 0  # steps; 0 = at each epoch end only
+    resume: str = ""  # "" = start fresh, "auto" = latest checkpoint of this run if any, or a path
+    recalibrate_bn: int = 0  # after training, recompute each depth's BN statistics on N samples
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("train", "epochs", self.epochs)
+        for name in ("max_steps", "threads", "checkpoint_every", "recalibrate_bn"):
+            _positive("train", name, getattr(self, name), allow_zero=True)
+        for name in ("log_every", "eval_every"):
+            _positive("train", name, getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    backend: str = "mlflow"  # mlflow | none
+    uri: str = ""  # "" = sqlite:///<train.out_dir>/mlflow.db
+    experiment: str = "dist_coop"
+
+    def __post_init__(self) -> None:
+        _choice("tracking", "backend", self.backend, ("mlflow", "none"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    coop: CoopConfig = field(default_factory=CoopConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            f.name: {
+                k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, f.name)).items()
+            }
+            for f in dataclasses.fields(self)
+        }
+
+    def flat(self) -> dict[str, Any]:
+        """``{"coop.alpha": 1.0, ...}``: what the tracker logs as params."""
+        return {f"{sec}.{k}": v for sec, values in self.to_dict().items() for k, v in values.items()}
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def _nearest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation ``hint``; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path} must be a list of {item.__name__}, got {value!r}")
+        return tuple(_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{path} must be true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, bool):
+        raise ValueError(f"{path} must be {hint.__name__}, got {value!r}")
+    if hint is str and value is None:
+        return ""
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ValueError(f"{path} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, section: str, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"section {section!r} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ValueError(f"unknown key {section}.{key}{_nearest(str(key), names)}")
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    if not isinstance(raw, dict):
+        raise ValueError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ValueError(f"unknown section {key!r}{_nearest(str(key), SECTIONS)}")
+    return Config(**{name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()})
+
+
+def parse_overrides(args: typing.Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["--coop.alpha=0.5", "--train.epochs", "3"]`` -> ``{"coop": {"alpha": 0.5}, "train": {"epochs": 3}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ValueError(f"overrides look like --section.key=value, got {arg!r}")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(items):
+                raise ValueError(f"override {arg!r} has no value")
+            key, text = arg[2:], items[i + 1]
+            i += 1
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = yaml.safe_load(text) if text != "" else ""
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load YAML ``path`` (or the defaults), apply ``--section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config must be a mapping of sections")
+    for section, values in parse_overrides(overrides).items():
+        if section not in SECTIONS:
+            raise ValueError(f"unknown section {section!r}{_nearest(section, SECTIONS)}")
+        current = raw.setdefault(section, {}) or {}
+        current.update(values)
+        raw[section] = current
+    cfg = config_from_dict(raw)
+    if path is not None and not cfg.train.run_name:
+        cfg = replace(cfg, train={"run_name": Path(path).stem})
+    return cfg
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with some fields of some sections changed (validated again)."""
+    raw = cfg.to_dict()
+    for name, values in sections.items():
+        raw[name].update(values)
+    return config_from_dict(raw)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

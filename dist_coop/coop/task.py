@@ -1,0 +1,134 @@
+"""Cooperative tasks: given the nets and a batch, return the named loss terms.
+
+The training loop only sums and backpropagates what a task returns (timm's distillation-task
+habit): no loss term and no ablation flag lives in the loop. Every term is already weighted, so
+a net's loss is the sum of the terms under its name (``"teammate_a/kd_peer@0.25"``...). Teachers
+are always detached logits of the *same* forward (one forward per net and sub-net per step), so
+each net's loss touches only its own parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dist_coop.coop.losses import cross_entropy, kd_loss, sfsl_weights
+from dist_coop.models.adaptive import AdaptiveNet
+
+LEADER, TEAMMATE_A, TEAMMATE_B = "leader", "teammate_a", "teammate_b"
+
+
+def term_name(net: str, term: str, s: float) -> str:
+    return f"{net}/{term}@{s}"
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """One net the task trains: its name, whether it is the Leader, the depths it is evaluated at."""
+
+    name: str
+    leader: bool  # built from model.leader_name / leader_width
+    eval_depths: tuple[float, ...]
+    train_depth: float = 1.0  # the depth whose logits are this net's soft targets
+    role: str = ""  # metric name prefix; "" = name
+
+    def metric(self, s: float) -> str:
+        """``teammate_a@0.25``: how depth ``s`` of this net is named in metrics."""
+        return f"{self.role or self.name}@{s}"
+
+
+class CooperativeTask:
+    """Leader + one or two Teammates with self-, interactive and guided learning (DESIGN.md section 1)."""
+
+    def __init__(self, coop, *, label_smoothing: float = 0.0) -> None:
+        self.cfg = coop
+        self.label_smoothing = label_smoothing
+        self.factors = tuple(sorted(coop.scaling_factors))
+        self.sub_factors = tuple(s for s in self.factors if s < 1.0) if coop.sub_nets else ()
+        self.weights = sfsl_weights(self.sub_factors, coop.gamma)
+        teammates = (TEAMMATE_A, TEAMMATE_B)[: coop.teammates]
+        self.specs = ([NetSpec(LEADER, True, self.factors)] if coop.leader else []) + [
+            NetSpec(name, False, self.factors) for name in teammates
+        ]
+
+    def peer(self, name: str) -> str | None:
+        if self.cfg.teammates < 2:
+            return None
+        return {TEAMMATE_A: TEAMMATE_B, TEAMMATE_B: TEAMMATE_A}.get(name)
+
+    def full_forward(self, net: AdaptiveNet, x: Tensor) -> Tensor:
+        net.set_depth(1.0)
+        return net(x)
+
+    def net_terms(
+        self, name: str, net: AdaptiveNet, z: Tensor, x: Tensor, y: Tensor, soft: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Loss terms of net ``name``; ``z`` its full-depth logits, ``soft`` every net's detached full logits.
+
+        Leader:            CE(z_L, y) + leader_kd * KD(z_L, mean(z_A, z_B))
+        Teammate X, s=1:   CE(z_X, y) + alpha * KD(z_X, z_Y) + beta * KD(z_X, z_L)
+        Teammate X, s<1:   w(s) * [CE(z_X^s, y) + KD(z_X^s, z_X) + alpha * KD(z_X^s, z_Y)]
+        """
+        c, t = self.cfg, self.cfg.temperature
+        terms = {term_name(name, "ce", 1.0): cross_entropy(z, y, self.label_smoothing)}
+        if name == LEADER:
+            teammates = [soft[n] for n in (TEAMMATE_A, TEAMMATE_B) if n in soft]
+            if c.leader_kd > 0 and teammates:
+                terms[term_name(name, "kd_team", 1.0)] = c.leader_kd * kd_loss(z, torch.stack(teammates).mean(0), t)
+            return terms
+        peer = self.peer(name)
+        if peer is not None and c.alpha > 0:
+            terms[term_name(name, "kd_peer", 1.0)] = c.alpha * kd_loss(z, soft[peer], t)
+        if c.leader and c.beta > 0:
+            terms[term_name(name, "kd_leader", 1.0)] = c.beta * kd_loss(z, soft[LEADER], t)
+        for s in self.sub_factors:
+            w = self.weights[s]
+            net.set_depth(s)
+            zs = net(x)  # the only forward of this sub-net this step
+            terms[term_name(name, "ce", s)] = w * cross_entropy(zs, y, self.label_smoothing)
+            if c.self_kd:
+                terms[term_name(name, "kd_self", s)] = w * kd_loss(zs, soft[name], t)
+            if peer is not None and c.alpha > 0:
+                terms[term_name(name, "kd_peer", s)] = w * c.alpha * kd_loss(zs, soft[peer], t)
+        net.set_depth(1.0)
+        return terms
+
+    def __call__(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """All nets in this process (the colocated placement): full forwards, then every net's terms."""
+        full = {spec.name: self.full_forward(nets[spec.name], x) for spec in self.specs}
+        soft = {name: z.detach() for name, z in full.items()}
+        terms: dict[str, Tensor] = {}
+        for spec in self.specs:
+            terms.update(self.net_terms(spec.name, nets[spec.name], full[spec.name], x, y, soft))
+        return terms
+
+
+class IndependentTask:
+    """The baseline a user would otherwise run: one separate net per depth, each trained with CE at its depth."""
+
+    def __init__(self, coop, *, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+        self.specs = [NetSpec(f"independent_{s}", False, (s,), s, "independent") for s in sorted(coop.scaling_factors)]
+
+    def __call__(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        terms = {}
+        for spec in self.specs:
+            net = nets[spec.name]
+            net.set_depth(spec.train_depth)
+            terms[term_name(spec.name, "ce", spec.train_depth)] = cross_entropy(net(x), y, self.label_smoothing)
+        return terms
+
+
+TASKS = {"cooperative": CooperativeTask, "independent": IndependentTask}
+
+
+def build_task(coop, *, label_smoothing: float = 0.0) -> CooperativeTask | IndependentTask:
+    return TASKS[coop.task](coop, label_smoothing=label_smoothing)
+
+
+def net_of(term: str) -> str:
+    """The net a term belongs to: ``"teammate_a/kd_peer@0.25"`` -> ``"teammate_a"``."""
+    return term.split("/", 1)[0]

@@ -1,0 +1,59 @@
+"""Cost of each depth: forward FLOPs (``torch.utils.flop_counter``) and the parameters that run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dist_coop.models.adaptive import AdaptiveNet
+from dist_coop.models.norm import DepthBatchNorm2d
+
+
+@dataclass(frozen=True)
+class DepthCost:
+    s: float
+    blocks: int  # residual blocks that run
+    gflops: float  # forward FLOPs per image / 1e9 (a multiply-add counts 2)
+    params: int  # parameters used by this depth's forward
+
+
+def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward of ``net`` on ``x`` (counted by PyTorch's FlopCounterMode)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    return counter.get_total_flops()
+
+
+def active_params(net: AdaptiveNet, s: float) -> int:
+    """Parameters read by depth ``s``: skipped blocks excluded, private BN counted for one depth."""
+    skipped = set()
+    for stage, stage_mask in zip(net.stages, net.masks[s]):
+        for keep, block in zip(stage_mask, stage):
+            if not keep:
+                skipped.update(id(p) for p in block.parameters())
+    total = 0
+    for module in net.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in skipped:
+                continue
+            rows = p.shape[0] if isinstance(module, DepthBatchNorm2d) and p.dim() == 2 else 1
+            total += p.numel() // rows
+    return total
+
+
+def depth_costs(net: AdaptiveNet, input_shape: Sequence[int]) -> dict[float, DepthCost]:
+    """``{s: DepthCost}`` for one image of shape (C, H, W) at every depth of ``net``."""
+    x = torch.zeros(1, *input_shape, device=next(net.parameters()).device)
+    was_training = net.training
+    net.eval()
+    costs = {}
+    try:
+        for s in net.scaling_factors:
+            with net.at_depth(s):
+                costs[s] = DepthCost(s, net.num_blocks(s), forward_flops(net, x) / 1e9, active_params(net, s))
+    finally:
+        net.train(was_training)
+    return costs

@@ -1,0 +1,152 @@
+"""The thin module around the depth masks: make any residual backbone depth-adaptive.
+
+``AdaptiveNet`` takes a plain backbone whose stages are ``nn.Sequential`` of residual blocks
+(our ResNets, torchvision ResNets) and, without rewriting it,
+
+* swaps each stage for a ``DepthStage`` (same parameter names) that skips masked-out blocks:
+  a skipped block is **not executed** (no FLOPs, its parameters get no gradient);
+* swaps every ``BatchNorm2d`` for a ``DepthBatchNorm2d`` with per-depth statistics, and puts
+  the learned gate g on the last BN of every skippable block's residual branch.
+
+Block j >= 1 of a stage must keep the shape (identity shortcut). Our blocks compute
+``relu(x + g * F(x))``; x is itself a ReLU output (>= 0), so a skipped block is exactly the
+identity ``x = relu(x + 0 * F(x))``: the design's ``y = x + m * g * F(x)`` with m = 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from dist_coop.models.masks import Mask, depth_masks, mask_blocks
+from dist_coop.models.norm import DepthBatchNorm2d, convert_batchnorm
+
+GATE_MODES = ("learned", "none")
+
+
+class DepthStage(nn.Sequential):
+    """An ``nn.Sequential`` of blocks that runs only the blocks its mask keeps."""
+
+    def __init__(self, blocks: Iterable[nn.Module]) -> None:
+        super().__init__(*blocks)
+        self.mask: tuple[bool, ...] = (True,) * len(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for keep, block in zip(self.mask, self):
+            if keep:
+                x = block(x)
+        return x
+
+
+def _last_branch_bn(block: nn.Module) -> nn.BatchNorm2d:
+    """The last BatchNorm of a block's residual branch (not of its shortcut)."""
+    bns = [m for name, m in block.named_modules() if isinstance(m, nn.BatchNorm2d) and "downsample" not in name]
+    if not bns:
+        raise ValueError(f"block {type(block).__name__} has no BatchNorm2d on its residual branch")
+    return bns[-1]
+
+
+class AdaptiveNet(nn.Module):
+    """A backbone whose depth is chosen at run time by ``set_depth(s)``."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        stage_names: Sequence[str],
+        scaling_factors: Sequence[float],
+        keep: str = "prefix",
+        gate: str = "learned",
+        bn: str = "shared",
+    ) -> None:
+        super().__init__()
+        if gate not in GATE_MODES:
+            raise ValueError(f"gate must be one of {list(GATE_MODES)}, got {gate!r}")
+        if 1.0 not in scaling_factors:
+            raise ValueError(f"scaling_factors must include 1.0 (the full net), got {list(scaling_factors)}")
+        self.backbone = backbone
+        self.stage_names = tuple(stage_names)
+        self.scaling_factors = tuple(sorted(scaling_factors))
+        gated: set[int] = set()
+        for name in self.stage_names:
+            blocks = list(getattr(backbone, name))
+            for i, block in enumerate(blocks[1:], start=1):
+                if getattr(block, "downsample", None) is not None:
+                    raise ValueError(f"{name}[{i}] has a downsample shortcut; only block 0 of a stage may change shape")
+                if gate == "learned":
+                    gated.add(id(_last_branch_bn(block)))
+            setattr(backbone, name, DepthStage(blocks))
+        self.masks: dict[float, Mask] = depth_masks(self.stage_sizes, self.scaling_factors, keep)
+        convert_batchnorm(backbone, len(self.scaling_factors), mode=bn, gated=gated)
+        self._norms = [m for m in self.modules() if isinstance(m, DepthBatchNorm2d)]
+        self._depth = 1.0
+        self.set_depth(1.0)
+
+    @property
+    def stages(self) -> list[DepthStage]:
+        return [getattr(self.backbone, name) for name in self.stage_names]
+
+    @property
+    def stage_sizes(self) -> tuple[int, ...]:
+        return tuple(len(stage) for stage in self.stages)
+
+    @property
+    def depth(self) -> float:
+        return self._depth
+
+    def num_blocks(self, s: float | None = None) -> int:
+        """Blocks that run at depth ``s`` (the current one by default)."""
+        return mask_blocks(self.masks[self._depth if s is None else s])
+
+    def set_depth(self, s: float) -> None:
+        """Run the sub-network of scaling factor ``s`` from now on (costs nothing: no rebuild)."""
+        if s not in self.masks:
+            raise ValueError(f"scaling factor {s} is not one of this net's depths {list(self.scaling_factors)}")
+        for stage, stage_mask in zip(self.stages, self.masks[s]):
+            stage.mask = stage_mask
+        index = self.scaling_factors.index(s)
+        for norm in self._norms:
+            norm.depth_index = index
+        self._depth = s
+
+    @contextmanager
+    def at_depth(self, s: float) -> Iterator[AdaptiveNet]:
+        previous = self._depth
+        self.set_depth(s)
+        try:
+            yield self
+        finally:
+            self.set_depth(previous)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
+        return self.backbone(x)
+
+
+@torch.no_grad()
+def recalibrate_bn(net: AdaptiveNet, batches: Iterable[Tensor], s: float) -> int:
+    """Recompute depth ``s``'s BN statistics as the exact average over ``batches``; returns samples used.
+
+    Training updates them by an exponential moving average while the weights move; after
+    training a few hundred samples give statistics that match the final weights.
+    """
+    index = net.scaling_factors.index(s)
+    was_training = net.training
+    norms = net._norms
+    for norm in norms:
+        norm.reset_depth_stats(index)
+        norm.cumulative = True
+    seen = 0
+    try:
+        net.train()
+        with net.at_depth(s):
+            for x in batches:
+                net(x)
+                seen += x.shape[0]
+    finally:
+        for norm in norms:
+            norm.cumulative = False
+        net.train(was_training)
+    return seen

@@ -1,0 +1,98 @@
+"""Backbone registry: name -> plain backbone, and ``build_model`` -> depth-adaptive net."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from dist_coop.models.adaptive import AdaptiveNet
+from dist_coop.models.resnet import cifar_resnet, resnet64
+
+if TYPE_CHECKING:
+    from dist_coop.config import ModelConfig
+
+# builder(width, in_channels, num_classes) -> (backbone, stage names); width 0 = the default
+Builder = Callable[[int, int, int], tuple[nn.Module, Sequence[str]]]
+
+
+def _ours(make: Callable[..., nn.Module], default_width: int) -> Builder:
+    def build(width: int, in_channels: int, num_classes: int) -> tuple[nn.Module, Sequence[str]]:
+        net = make(width=width or default_width, in_channels=in_channels, num_classes=num_classes)
+        return net, net.stage_names
+
+    return build
+
+
+def _torchvision(arch: str) -> Builder:
+    def build(width: int, in_channels: int, num_classes: int) -> tuple[nn.Module, Sequence[str]]:
+        try:
+            import torchvision
+        except Exception as e:  # ImportError, or a broken torchvision/torch pairing (RuntimeError)
+            raise ValueError(f"model 'tv_{arch}' needs torchvision, which does not import here: {e}") from e
+        if width:
+            raise ValueError(f"model.width is not supported for torchvision model 'tv_{arch}'")
+        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            old = net.conv1
+            net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        return net, ("layer1", "layer2", "layer3", "layer4")
+
+    return build
+
+
+MODELS: dict[str, Builder] = {
+    "resnet20": _ours(lambda **kw: cifar_resnet(20, **kw), 16),
+    "resnet32": _ours(lambda **kw: cifar_resnet(32, **kw), 16),
+    "resnet56": _ours(lambda **kw: cifar_resnet(56, **kw), 16),
+    "resnet110": _ours(lambda **kw: cifar_resnet(110, **kw), 16),
+    "resnet18_64": _ours(lambda **kw: resnet64([2, 2, 2, 2], **kw), 64),
+    "resnet34_64": _ours(lambda **kw: resnet64([3, 4, 6, 3], **kw), 64),
+    "tv_resnet18": _torchvision("resnet18"),
+    "tv_resnet34": _torchvision("resnet34"),
+    "tv_resnet50": _torchvision("resnet50"),
+}
+
+
+def check_model_name(name: str, field: str = "model.name") -> None:
+    if name not in MODELS:
+        raise ValueError(f"{field}: unknown model {name!r}; available: {sorted(MODELS)}")
+
+
+def build_backbone(
+    name: str, *, width: int = 0, in_channels: int = 3, num_classes: int = 10
+) -> tuple[nn.Module, Sequence[str]]:
+    check_model_name(name)
+    return MODELS[name](width, in_channels, num_classes)
+
+
+def build_model(
+    name: str,
+    scaling_factors: Sequence[float],
+    *,
+    width: int = 0,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    keep: str = "prefix",
+    gate: str = "learned",
+    bn: str = "shared",
+) -> AdaptiveNet:
+    """A depth-adaptive net of registered backbone ``name``."""
+    backbone, stages = build_backbone(name, width=width, in_channels=in_channels, num_classes=num_classes)
+    return AdaptiveNet(backbone, stage_names=stages, scaling_factors=scaling_factors, keep=keep, gate=gate, bn=bn)
+
+
+def build_from_config(cfg: ModelConfig, scaling_factors: Sequence[float], *, leader: bool = False) -> AdaptiveNet:
+    name = (cfg.leader_name or cfg.name) if leader else cfg.name
+    width = (cfg.leader_width or cfg.width) if leader else cfg.width
+    return build_model(
+        name,
+        scaling_factors,
+        width=width,
+        in_channels=cfg.in_channels,
+        num_classes=cfg.num_classes,
+        keep=cfg.keep,
+        gate=cfg.gate,
+        bn=cfg.bn,
+    )

@@ -1,0 +1,52 @@
+"""Optimizer and learning-rate schedule of one net (each net has its own: they are separate players)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from dist_coop.models.norm import DepthBatchNorm2d
+
+
+def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv / linear weights only (not on BN affine, gates or biases)."""
+    decay, no_decay = [], []
+    for module in net.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            wants_decay = (
+                name == "weight"
+                and isinstance(module, (nn.Conv2d, nn.Linear))
+                and not isinstance(module, DepthBatchNorm2d)
+            )
+            (decay if wants_decay else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW for ``cfg`` (an ``OptimConfig``)."""
+    groups = param_groups(net, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total_steps: int, cfg) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then cosine to 0, step decay or constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.step_gamma ** sum(progress >= m for m in cfg.milestones)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

@@ -1,0 +1,19 @@
+"""Experiment tracking behind a small interface (``Tracker``), with a null implementation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dist_coop.track.base import NullTracker, Tracker
+
+
+def build_tracker(cfg, *, run_name: str, out_dir: str | Path, run_id: str = "", enabled: bool = True) -> Tracker:
+    """The tracker for ``cfg`` (a ``TrackingConfig``); ``enabled=False`` (ranks other than 0) gives a null one."""
+    if not enabled or cfg.backend == "none":
+        return NullTracker()
+    from dist_coop.track.mlflow_tracker import MlflowTracker, default_uri
+
+    return MlflowTracker(cfg.uri or default_uri(out_dir), cfg.experiment, run_name, run_id)
+
+
+__all__ = ["NullTracker", "Tracker", "build_tracker"]

@@ -1,0 +1,48 @@
+"""MLflow tracker: one run per job, default store a SQLite file that ``mlflow ui`` reads.
+
+MLflow metric names may not contain ``@``; ours (``val/acc1/teammate_a@0.25``) are logged as
+``val/acc1/teammate_a/depth_0.25``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+
+def mlflow_key(name: str) -> str:
+    return name.replace("@", "/depth_")
+
+
+class MlflowTracker:
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str = "") -> None:
+        import mlflow
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        # resume continues the same run (its id is stored in the checkpoint)
+        self.run = mlflow.start_run(run_id=run_id or None, run_name=None if run_id else run_name)
+        self.run_id: str = self.run.info.run_id
+        self.uri = uri
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        existing = self._mlflow.get_run(self.run_id).data.params
+        fresh = {k: str(v) for k, v in params.items() if k not in existing}
+        if fresh:
+            self._mlflow.log_params(fresh)
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self._mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._mlflow.log_artifact(str(path))
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+def default_uri(out_dir: str | Path) -> str:
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"

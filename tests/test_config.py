@@ -1,0 +1,80 @@
+import pytest
+
+from dist_coop.config import Config, load_config, parse_overrides, save_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(None, ["--coop.alpha=0.5", "--train.epochs", "3", "--coop.scaling_factors=[0.25, 1]"])
+    assert cfg.coop.alpha == 0.5 and cfg.train.epochs == 3
+    assert cfg.coop.scaling_factors == (0.25, 1.0)
+    assert isinstance(cfg.coop.scaling_factors[1], float)
+    path = tmp_path / "exp.yaml"
+    save_config(cfg, path)
+    again = load_config(path)
+    assert again.coop == cfg.coop and again.train.run_name == "exp"  # run name from the file stem
+
+
+def test_yaml_file_and_cli_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name: resnet56\ncoop:\n  alpha: 2\n")
+    cfg = load_config(path, ["--coop.alpha=0.1"])
+    assert cfg.model.name == "resnet56" and cfg.coop.alpha == 0.1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--coop.alpah=1", r"unknown key coop\.alpah; did you mean 'alpha'"),
+        ("--cop.alpha=1", r"unknown section 'cop'; did you mean 'coop'"),
+        ("--coop.scaling_factors=[0.5, 1.5]", r"coop\.scaling_factors must be in \(0, 1\], got 1\.5"),
+        ("--coop.scaling_factors=[0.0, 1.0]", r"coop\.scaling_factors must be in \(0, 1\], got 0\.0"),
+        ("--coop.scaling_factors=[0.25, 0.5]", r"must include 1\.0"),
+        ("--model.name=resnet7", r"model\.name: unknown model 'resnet7'; available: \["),
+        ("--train.epochs=three", r"train\.epochs must be int, got str"),
+        ("--coop.leader=yes please", r"coop\.leader must be true or false"),
+        ("--optim.lr=-1", r"optim\.lr must be > 0"),
+        ("--optim.amp=fp8", r"optim\.amp must be one of"),
+        ("--coop.teammates=3", r"coop\.teammates must be one of \[1, 2\]"),
+        ("--model.bn=group", r"model\.bn must be one of"),
+        ("--coop.scaling_factors=oops", r"coop\.scaling_factors must be a list of float"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_beta_needs_leader():
+    with pytest.raises(ValueError, match="coop.beta > 0 needs coop.leader"):
+        load_config(None, ["--coop.leader=false"])
+    assert load_config(None, ["--coop.leader=false", "--coop.beta=0"]).coop.leader is False
+
+
+def test_yaml_is_plain_data(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception, match="(?i)could not determine a constructor|constructor"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_override_syntax():
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config("nope.yaml")
+    with pytest.raises(ValueError, match="--section.key=value"):
+        parse_overrides(["alpha=1"])
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.coop.alpha = 3.0  # type: ignore[misc]
+    assert cfg.flat()["coop.alpha"] == 1.0
+
+
+def test_all_shipped_configs_load():
+    from pathlib import Path
+
+    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+    assert paths
+    for path in paths:
+        load_config(path)

@@ -1,0 +1,156 @@
+"""The trainer on the real bundled data: steps, checkpoints, resume, the end-to-end run."""
+
+import json
+
+import pytest
+import torch
+
+from dist_coop.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from dist_coop.cli import evaluate_checkpoint, run_training
+from dist_coop.config import load_config
+from dist_coop.data import build_data
+from dist_coop.trainer import Trainer, resolve_amp
+
+TINY = [
+    "--model.name=resnet20",
+    "--model.width=4",
+    "--model.in_channels=1",
+    "--coop.scaling_factors=[0.25, 0.5, 1.0]",
+    "--data.train_subset=256",
+    "--data.val_subset=200",
+    "--data.batch_size=32",
+    "--data.eval_batch_size=100",
+    "--train.epochs=2",
+    "--train.progress=false",
+    "--train.log_every=1",
+    "--tracking.backend=none",
+]
+
+
+def tiny(tmp_path, *extra):
+    return load_config(None, [*TINY, f"--train.out_dir={tmp_path}", "--train.run_name=t", *extra])
+
+
+def losses(recorder):
+    return {
+        step: {k: v for k, v in m.items() if k.startswith("train/loss/")}
+        for step, m in recorder.metrics.items()
+        if any(k.startswith("train/loss/") for k in m)
+    }
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, fmnist_root, recorder):
+    """Crash after step 11, resume from the step-10 checkpoint: steps 11..16 match exactly."""
+    cfg = tiny(tmp_path / "a")
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    full = Trainer(cfg, data, run_dir=tmp_path / "a", tracker=recorder)
+    full.train()
+    assert full.step == 16  # 2 epochs of 8 steps
+    reference = losses(recorder)
+
+    from tests.conftest import RecordingTracker
+
+    cfg_b = tiny(tmp_path / "b", "--train.checkpoint_every=5")
+    crashed = Trainer(cfg_b, data, run_dir=tmp_path / "b", tracker=RecordingTracker())
+    crashed.train(stop_at_step=11)  # checkpoints at 5 and 10 (mid-epoch 2)
+    assert load_checkpoint(tmp_path / "b" / LATEST)["step"] == 10
+    second = RecordingTracker()
+    resumed = Trainer(cfg_b, data, run_dir=tmp_path / "b", tracker=second)
+    resumed.resume(tmp_path / "b" / LATEST)
+    assert resumed.step == 10
+    resumed.train()
+    got = losses(second)
+    assert sorted(got) == list(range(11, 17))
+    for step in got:
+        assert got[step] == reference[step], step  # bit-identical on CPU
+    for name, net in full.nets.items():
+        for (k, a), b in zip(net.state_dict().items(), resumed.nets[name].state_dict().values()):
+            assert torch.equal(a, b), (name, k)
+
+
+def test_one_step_updates_every_net_and_terms_sum(tmp_path, fmnist_root):
+    cfg = tiny(tmp_path)
+    data = build_data(cfg.data, seed=0)
+    trainer = Trainer(cfg, data, run_dir=tmp_path)
+    before = {n: [p.clone() for p in net.parameters()] for n, net in trainer.nets.items()}
+    x, y = next(data.train.epoch(0))
+    logs = trainer.train_step(x, y)
+    for name in ("leader", "teammate_a", "teammate_b"):
+        parts = sum(v for k, v in logs.items() if k.startswith(f"train/{name}/"))
+        assert parts == pytest.approx(logs[f"train/loss/{name}"], rel=1e-5)
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], trainer.nets[name].parameters()))
+    # teammates start from different seeds
+    a, b = trainer.nets["teammate_a"], trainer.nets["teammate_b"]
+    assert not torch.equal(next(a.parameters()), next(b.parameters()))
+
+
+def test_amp_resolution():
+    assert resolve_amp("none", torch.device("cpu")) is None
+    assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    assert resolve_amp("auto", torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_bf16_step_runs_on_cpu(tmp_path, fmnist_root):
+    cfg = tiny(tmp_path, "--optim.amp=bf16", "--optim.grad_clip=1.0")
+    data = build_data(cfg.data, seed=0)
+    trainer = Trainer(cfg, data, run_dir=tmp_path)
+    x, y = next(data.train.epoch(0))
+    logs = trainer.train_step(x, y)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+
+
+def test_checkpoint_is_atomic_and_weights_only(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"a": torch.ones(2), "step": 3, "nested": {"x": [1, 2.5, "s"]}}, path)
+    assert load_checkpoint(path)["step"] == 3
+    assert not list(tmp_path.glob(".*tmp"))
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
+    """The real job: train, evaluate every net at every depth, MLflow run with params/metrics/artifacts."""
+    import mlflow
+
+    cfg = tiny(tmp_path, "--tracking.backend=mlflow", "--data.train_subset=640", "--train.recalibrate_bn=256")
+    results = run_training(cfg)
+    m = results["metrics"]
+    for net in ("leader", "teammate_a", "teammate_b"):
+        for s in (0.25, 0.5, 1.0):
+            assert 0.0 <= m[f"val/acc1/{net}@{s}"] <= 100.0
+            assert results["costs"][f"cost/gflops/{net}@{s}"] > 0
+    # learning happened: well above chance (10 %) after 40 steps on real data
+    assert m["val/acc1/teammate_a@1.0"] > 20.0
+    run_dir = tmp_path / "t"
+    for name in ("config.yaml", "results.txt", "results.json", "accuracy_vs_gflops.png", LATEST):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "results.json").read_text())["step"] == 40
+    uri = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "dist_coop"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.params["coop.alpha"] == "1.0"
+    assert "val/acc1/teammate_a/depth_0.25" in run.data.metrics
+    assert "cost/gflops/leader/depth_1.0" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "val/acc1/teammate_b/depth_0.5")
+    assert len(history) >= 2  # one per epoch (+ the final one)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "accuracy_vs_gflops.png", "results.txt", LATEST} <= artifacts
+    # resume=auto with a finished run continues the same MLflow run and trains no more
+    again = run_training(tiny(tmp_path, "--tracking.backend=mlflow", "--data.train_subset=640", "--train.resume=auto"))
+    assert again["step"] == 40
+    assert len(client.search_runs([exp.experiment_id])) == 1
+    table = evaluate_checkpoint(run_dir / LATEST, "cpu")
+    assert "teammate_a" in table and "0.25" in table
