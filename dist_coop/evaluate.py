@@ -42,15 +42,19 @@ def evaluate_depth(
 
 
 def evaluate_all(
-    nets: Mapping[str, AdaptiveNet], specs: Sequence[NetSpec], batches_fn, autocast=None
+    nets: Mapping[str, AdaptiveNet], specs: Sequence[NetSpec], batches_fn, autocast=None, *, which: str = "all"
 ) -> dict[str, float]:
     """``{"val/acc1/teammate_a@0.25": ..., ...}`` for every net at every depth it is evaluated at.
 
-    ``batches_fn()`` returns a fresh iterable over the validation batches.
+    ``batches_fn()`` returns a fresh iterable over the validation batches. ``which`` is
+    ``"all"``, ``"trained"`` or ``"untrained"``: depths no loss term trains (the Leader's
+    sub-nets) have BN statistics only after ``recalibrate_bn``, so they are evaluated at the end.
     """
     metrics = {}
     for spec in specs:
         for s in spec.eval_depths:
+            if which != "all" and (s in spec.trained_depths) != (which == "trained"):
+                continue
             for key, value in evaluate_depth(nets[spec.name], batches_fn(), s, autocast).items():
                 metrics[f"val/{key}/{spec.metric(s)}"] = value
     return metrics
@@ -59,15 +63,18 @@ def evaluate_all(
 def results_table(
     specs: Sequence[NetSpec], metrics: Mapping[str, float], costs: Mapping[str, Mapping[float, DepthCost]]
 ) -> str:
-    """One row per (net, depth): blocks, GFLOPs, params, top-1, top-5, loss."""
-    header = f"{'net':<14}{'s':>6}{'blocks':>8}{'GFLOPs':>10}{'params':>10}{'top-1 %':>9}{'top-5 %':>9}{'loss':>8}"
+    """One row per (net, depth): blocks, GFLOPs, params, top-1, top-5, loss; * marks untrained depths."""
+    header = f"{'net':<14}{'s':>6}{'blocks':>8}{'GFLOPs':>10}{'params':>10}{'top-1 %':>9}{'top-5 %':>9}{'loss':>9}"
     lines = [header, "-" * len(header)]
     for spec in specs:
         for s in spec.eval_depths:
             c = costs[spec.name][s]
             m = spec.metric(s)
+            mark = "" if s in spec.trained_depths else "*"
             lines.append(
-                f"{spec.role or spec.name:<14}{s:>6g}{c.blocks:>8}{c.gflops:>10.4f}{c.params:>10,}"
-                f"{metrics[f'val/acc1/{m}']:>9.2f}{metrics[f'val/acc5/{m}']:>9.2f}{metrics[f'val/loss/{m}']:>8.3f}"
+                f"{spec.role or spec.name:<14}{mark:>1}{s:>5g}{c.blocks:>8}{c.gflops:>10.4f}{c.params:>10,}"
+                f"{metrics[f'val/acc1/{m}']:>9.2f}{metrics[f'val/acc5/{m}']:>9.2f}{metrics[f'val/loss/{m}']:>9.3f}"
             )
+    if any(s not in spec.trained_depths for spec in specs for s in spec.eval_depths):
+        lines.append("* no loss term trains this depth: the net truncated, BN statistics recalibrated")
     return "\n".join(lines)

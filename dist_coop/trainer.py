@@ -54,6 +54,9 @@ def build_nets(cfg: Config, specs, device: torch.device) -> dict[str, AdaptiveNe
     return nets
 
 
+DEFAULT_CALIBRATION_SAMPLES = 2000  # for depths no loss term trains, when train.recalibrate_bn is 0
+
+
 class Trainer:
     def __init__(
         self,
@@ -146,20 +149,21 @@ class Trainer:
             bar.close()
             epoch_done = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
             if epoch_done and ((epoch + 1) % cfg.eval_every == 0 or self.step == self.total_steps):
-                metrics = self.evaluate()
+                metrics = self.evaluate("trained")
                 self.tracker.log_metrics(self.step, metrics)
                 self.log(f"epoch {epoch + 1}: " + self.summary(metrics))
             self.save()
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate_all(self.nets, self.task.specs, lambda: self.data.val.epoch(0), self.autocast)
+    def evaluate(self, which: str = "all") -> dict[str, float]:
+        return evaluate_all(self.nets, self.task.specs, lambda: self.data.val.epoch(0), self.autocast, which=which)
 
     def summary(self, metrics: dict[str, float]) -> str:
         return ", ".join(
-            f"{spec.metric(s)} {metrics[f'val/acc1/{spec.metric(s)}']:.2f}%"
+            f"{spec.metric(s)} {metrics[key]:.2f}%"
             for spec in self.task.specs
             for s in spec.eval_depths
+            if (key := f"val/acc1/{spec.metric(s)}") in metrics
         )
 
     def log(self, text: str) -> None:
@@ -168,8 +172,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ after training
 
-    def recalibrate(self, num_samples: int) -> None:
-        """Recompute every depth's BN statistics on ``num_samples`` un-augmented training samples."""
+    def recalibrate(self, num_samples: int, untrained_only: bool = False) -> None:
+        """Recompute depths' BN statistics on ``num_samples`` un-augmented training samples.
+
+        All depths, or (``untrained_only``) just those no loss term trains, whose statistics
+        were never updated: a truncated net needs them to be evaluated fairly.
+        """
         train = self.data.train
         calib = MemoryBatches(
             train.split.take(num_samples),
@@ -181,15 +189,18 @@ class Trainer:
         )
         for spec in self.task.specs:
             for s in spec.eval_depths:
-                recalibrate_bn(self.nets[spec.name], (x for x, _ in calib.epoch(0)), s)
+                if not (untrained_only and s in spec.trained_depths):
+                    recalibrate_bn(self.nets[spec.name], (x for x, _ in calib.epoch(0)), s)
 
     def finish(self, metrics: dict[str, float]) -> dict[str, Any]:
         """Costs per depth, the results table, plot and artifacts; returns the final results."""
-        if self.cfg.train.recalibrate_bn:
-            self.recalibrate(self.cfg.train.recalibrate_bn)
+        samples = self.cfg.train.recalibrate_bn
+        self.recalibrate(samples or DEFAULT_CALIBRATION_SAMPLES, untrained_only=not samples)
+        if samples or not metrics:  # every depth changed (or none was evaluated yet)
             metrics = self.evaluate()
-        if not metrics:
-            metrics = self.evaluate()
+        else:  # the last epoch's evaluation holds for the trained depths
+            metrics = {**metrics, **self.evaluate("untrained")}
+        self.save()  # the checkpoint holds the recalibrated statistics too
         shape = tuple(self.data.val.split.images.shape[1:])
         costs = {spec.name: depth_costs(self.nets[spec.name], shape) for spec in self.task.specs}
         cost_metrics = {}

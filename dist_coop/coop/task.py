@@ -34,6 +34,7 @@ class NetSpec:
     eval_depths: tuple[float, ...]
     train_depth: float = 1.0  # the depth whose logits are this net's soft targets
     role: str = ""  # metric name prefix; "" = name
+    trained_depths: tuple[float, ...] = (1.0,)  # depths with a loss term (others are only truncated)
 
     def metric(self, s: float) -> str:
         """``teammate_a@0.25``: how depth ``s`` of this net is named in metrics."""
@@ -50,8 +51,9 @@ class CooperativeTask:
         self.sub_factors = tuple(s for s in self.factors if s < 1.0) if coop.sub_nets else ()
         self.weights = sfsl_weights(self.sub_factors, coop.gamma)
         teammates = (TEAMMATE_A, TEAMMATE_B)[: coop.teammates]
+        trained = (*self.sub_factors, 1.0)
         self.specs = ([NetSpec(LEADER, True, self.factors)] if coop.leader else []) + [
-            NetSpec(name, False, self.factors) for name in teammates
+            NetSpec(name, False, self.factors, trained_depths=trained) for name in teammates
         ]
 
     def peer(self, name: str) -> str | None:
@@ -111,7 +113,9 @@ class IndependentTask:
 
     def __init__(self, coop, *, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
-        self.specs = [NetSpec(f"independent_{s}", False, (s,), s, "independent") for s in sorted(coop.scaling_factors)]
+        self.specs = [
+            NetSpec(f"independent_{s}", False, (s,), s, "independent", (s,)) for s in sorted(coop.scaling_factors)
+        ]
 
     def __call__(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor) -> dict[str, Tensor]:
         terms = {}
