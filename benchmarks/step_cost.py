@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dist_coop.config import load_config
 from dist_coop.coop.losses import cross_entropy
 from dist_coop.data import build_data
+from dist_coop.dist.env import single_process
 from dist_coop.models.registry import build_from_config
 from dist_coop.optim import build_optimizer
 from dist_coop.trainer import Trainer
@@ -59,12 +60,10 @@ def main() -> None:
     cfg = load_config(args.config, [f"--train.device={args.device}", "--tracking.backend=none", *overrides])
     if args.threads:
         torch.set_num_threads(args.threads)
-    trainer = Trainer(
-        cfg,
-        data := build_data(cfg.data, seed=0, device=args.device if args.device != "auto" else "cpu"),
-        run_dir="/tmp/dist_coop_bench",
-    )
-    device = trainer.device
+    dist = single_process(cfg.train.device)
+    device = dist.device
+    data = build_data(cfg.data, seed=0, device=device)
+    trainer = Trainer(cfg, data, run_dir="/tmp/dist_coop_bench", dist=dist)
     x, y = next(data.train.epoch(0))
     x, y = x.to(device), y.to(device)
 

@@ -14,7 +14,8 @@ if [ "${DIST_COOP_NO_VENV:-0}" != 1 ]; then
 fi
 # torch is pinned in the same pip command: an unpinned torch (pulled in by deepspeed) would be a
 # multi-GB CUDA build; 2.13.0 is the CPU wheel this project is tested with.
-"$PY" -m pip install -q --disable-pip-version-check "torch==${DIST_COOP_TORCH:-2.13.0}" -e ".[test]"
+"$PY" -m pip install -q --disable-pip-version-check "torch==${DIST_COOP_TORCH:-2.13.0}" -e ".[test]" \
+  2> >(grep -v "^WARNING: Location 'file:" >&2)
 
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ]; then
