@@ -38,11 +38,10 @@ def run_training(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
         enabled=dist.is_main,
     )
     trainer = Trainer(cfg, data, run_dir=run_dir, dist=dist, tracker=tracker)
-    trainer.mlflow_run_id = getattr(tracker, "run_id", "")
     if state is not None:
         trainer.load_state_dict(state)
-        trainer.mlflow_run_id = getattr(tracker, "run_id", "")
         trainer.log(f"resumed from {resume} at step {trainer.step}")
+    trainer.mlflow_run_id = getattr(tracker, "run_id", "")
     try:
         tracker.log_params(cfg.flat())
         metrics = trainer.train()

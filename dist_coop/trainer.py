@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -243,7 +242,7 @@ class Trainer:
             "scheds": {n: s.state_dict() for n, s in self.scheds.items()},
             "scaler": self.scaler.state_dict(),
             "step": self.step,
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+            "rng": {"torch": torch.get_rng_state()},  # data order and augmentation are seeded by (seed, epoch, step)
             "config": self.cfg.to_dict(),
             "mlflow_run_id": self.mlflow_run_id,
         }
