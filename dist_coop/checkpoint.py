@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-LATEST = "latest.pt"
-
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
@@ -42,16 +40,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated file or a pickle that is not weights-only
         raise ValueError(f"cannot load checkpoint {path}: {e}") from e
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """``""`` -> None, ``"auto"`` -> the run's latest checkpoint if one exists, else the given path."""
-    if not resume:
-        return None
-    if resume == "auto":
-        latest = run_dir / LATEST
-        return latest if latest.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise ValueError(f"train.resume: checkpoint not found: {path}")
-    return path

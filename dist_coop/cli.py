@@ -10,47 +10,59 @@ from typing import Any
 
 import torch
 
-from dist_coop.checkpoint import load_checkpoint, resolve_resume
-from dist_coop.config import Config, config_from_dict, load_config
+from dist_coop.checkpoint import load_checkpoint
+from dist_coop.config import Config, config_from_dict, load_config, replace
 from dist_coop.data import build_data
-from dist_coop.dist.env import DistInfo, single_process
+from dist_coop.dist.env import DistInfo, close_distributed, init_distributed, single_process
 from dist_coop.evaluate import results_table
 from dist_coop.infer.cost import depth_costs
 from dist_coop.track import build_tracker
-from dist_coop.trainer import Trainer, prepare_run_dir
+from dist_coop.trainer import TRAINER_STATE, Trainer, latest_checkpoint, prepare_run_dir
 
 
-def run_training(cfg: Config, dist: DistInfo | None = None) -> dict[str, Any]:
-    """Config -> data -> Trainer -> train -> results. The whole job of one process."""
-    dist = dist or single_process(cfg.train.device)
+def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
+    """Config -> distributed init -> data -> Trainer -> train -> results. The whole job of one process."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir = prepare_run_dir(cfg)
-    data = build_data(cfg.data, seed=cfg.train.seed, device=dist.device)
-    _check_data_matches_model(cfg, data)
-    resume = resolve_resume(cfg.train.resume, run_dir)
-    state = load_checkpoint(resume, dist.device) if resume else None
-    tracker = build_tracker(
-        cfg.tracking,
-        run_name=cfg.train.run_name,
-        out_dir=cfg.train.out_dir,
-        run_id=state["mlflow_run_id"] if state else "",
-        enabled=dist.is_main,
-    )
-    trainer = Trainer(cfg, data, run_dir=run_dir, dist=dist, tracker=tracker)
-    if state is not None:
-        trainer.load_state_dict(state)
-        trainer.log(f"resumed from {resume} at step {trainer.step}")
-    trainer.mlflow_run_id = getattr(tracker, "run_id", "")
+    own_group = info is None
+    if info is None:
+        info = init_distributed(
+            cfg.train.device, backend=cfg.dist.backend, need_group=cfg.dist.engine == "deepspeed", timeout_s=cfg.dist.timeout_s
+        )
     try:
-        tracker.log_params(cfg.flat())
-        metrics = trainer.train()
-        results = trainer.finish(metrics)
+        run_dir = prepare_run_dir(cfg, info.is_main)
+        data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
+        _check_data_matches_model(cfg, data)
+        resume = resolve_resume(cfg.train.resume, run_dir)
+        run_id = load_checkpoint(resume / TRAINER_STATE)["mlflow_run_id"] if resume else ""
+        tracker = build_tracker(cfg.tracking, run_name=cfg.train.run_name, out_dir=cfg.train.out_dir, run_id=run_id, enabled=info.is_main)
+        try:
+            trainer = Trainer(cfg, data, run_dir=run_dir, dist=info, tracker=tracker)
+            if resume:
+                trainer.resume(resume)
+            trainer.mlflow_run_id = getattr(tracker, "run_id", "")
+            tracker.log_params(cfg.flat())
+            results = trainer.finish(trainer.train())
+        finally:
+            tracker.close()
+        if info.is_main and getattr(tracker, "uri", ""):
+            print(f"MLflow run {tracker.run_id} in {tracker.uri}  (view: mlflow ui --backend-store-uri {tracker.uri})")
+        return results
     finally:
-        tracker.close()
-    if dist.is_main and getattr(tracker, "uri", ""):
-        print(f"MLflow run {tracker.run_id} in {tracker.uri}  (view: mlflow ui --backend-store-uri {tracker.uri})")
-    return results
+        if own_group:
+            close_distributed(info)
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """``""`` -> None; ``"auto"`` -> the run's latest checkpoint if any; else a checkpoint folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ValueError(f"train.resume: {path} is not a checkpoint folder (no {TRAINER_STATE})")
+    return path
 
 
 def _check_data_matches_model(cfg: Config, data) -> None:
@@ -61,17 +73,25 @@ def _check_data_matches_model(cfg: Config, data) -> None:
         )
 
 
-def evaluate_checkpoint(path: str | Path, device: str = "auto") -> str:
-    """Evaluate every net of a checkpoint at every depth on its config's validation data; returns the table."""
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    dist = single_process(device)
-    data = build_data(cfg.data, seed=cfg.train.seed, device=dist.device)
-    trainer = Trainer(cfg, data, run_dir=Path(path).parent, dist=dist)
-    trainer.load_state_dict(state)
+def evaluate_checkpoint(folder: str | Path, device: str = "auto") -> str:
+    """Evaluate every net of a checkpoint folder at every depth on its config's validation data; returns the table."""
+    folder = Path(folder)
+    if not (folder / TRAINER_STATE).is_file() and latest_checkpoint(folder):
+        folder = latest_checkpoint(folder)  # a run directory: its latest checkpoint
+    cfg = config_from_dict(load_checkpoint(folder / TRAINER_STATE)["config"])
+    if cfg.dist.engine != "torch":
+        raise ValueError("dist-coop eval reads checkpoints of the torch engine; DeepSpeed ones need the same world size")
+    cfg = replace(cfg, dist={"placement": "colocated"}, tracking={"backend": "none"})
+    info = single_process(device)
+    data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
+    trainer = Trainer(cfg, data, run_dir=folder.parent.parent, dist=info)
+    trainer.resume(folder)
     metrics = trainer.evaluate()
     shape = tuple(data.val.split.images.shape[1:])
-    costs = {spec.name: depth_costs(trainer.nets[spec.name], shape) for spec in trainer.task.specs}
+    costs = {}
+    for spec in trainer.task.specs:
+        for s, c in depth_costs(trainer.nets[spec.name], shape).items():
+            costs.update({f"cost/gflops/{spec.metric(s)}": c.gflops, f"cost/params/{spec.metric(s)}": float(c.params), f"cost/blocks/{spec.metric(s)}": float(c.blocks)})
     return results_table(trainer.task.specs, metrics, costs)
 
 
@@ -80,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train the cooperative nets (overrides: --section.key=value)")
     p_train.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
-    p_eval = sub.add_parser("eval", help="evaluate a checkpoint at every depth")
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint (folder, or a run directory) at every depth")
     p_eval.add_argument("checkpoint")
     p_eval.add_argument("--device", default="auto")
     args, rest = parser.parse_known_args(argv)

@@ -160,7 +160,7 @@ class TrainConfig:
     log_every: int = 20  # steps
     eval_every: int = 1  # epochs
     checkpoint_every: int = 0  # steps; 0 = at each epoch end only
-    resume: str = ""  # "" = start fresh, "auto" = latest checkpoint of this run if any, or a path
+    resume: str = ""  # "" = start fresh, "auto" = latest checkpoint of this run if any, or a checkpoint folder
     recalibrate_bn: int = 0  # after training, recompute each depth's BN statistics on N samples
     progress: bool = True
 
@@ -170,6 +170,29 @@ class TrainConfig:
             _positive("train", name, getattr(self, name), allow_zero=True)
         for name in ("log_every", "eval_every"):
             _positive("train", name, getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    """Placement of the nets on processes and the engine that trains each (DESIGN.md section 2)."""
+
+    placement: str = "auto"  # auto | split | colocated
+    engine: str = "torch"  # torch (plain PyTorch, gradients all-reduced per net group) | deepspeed
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    deepspeed_extra: dict = field(default_factory=dict)  # merged over the generated DeepSpeed config
+    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPUs) | gloo | nccl
+    timeout_s: int = 600  # collective timeout
+    keep_checkpoints: int = 2  # newest checkpoint folders kept
+
+    def __post_init__(self) -> None:
+        _choice("dist", "placement", self.placement, ("auto", "split", "colocated"))
+        _choice("dist", "engine", self.engine, ("torch", "deepspeed"))
+        _choice("dist", "zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("dist", "backend", self.backend, ("auto", "gloo", "nccl"))
+        _positive("dist", "timeout_s", self.timeout_s)
+        _positive("dist", "keep_checkpoints", self.keep_checkpoints)
+        if not isinstance(self.deepspeed_extra, dict):
+            raise ValueError(f"dist.deepspeed_extra must be a mapping, got {self.deepspeed_extra!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +212,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -230,6 +254,10 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         raise ValueError(f"{path} must be {hint.__name__}, got {value!r}")
     if hint is str and value is None:
         return ""
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a mapping, got {value!r}")
+        return value
     if isinstance(hint, type) and not isinstance(value, hint):
         raise ValueError(f"{path} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

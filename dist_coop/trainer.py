@@ -1,14 +1,16 @@
 """The training loop, readable top to bottom.
 
-``Trainer`` owns the nets, their optimizers and schedules, and the position in the data. One
-step: the task returns named loss terms, the loop sums them, backpropagates once, clips and
-steps each net's optimizer, and logs. Loss terms and ablations live in the task, not here.
+``Trainer`` owns the engines of the nets placed on this rank and the position in the data. One
+step: the task returns named loss terms (exchanging soft targets with the other nets of the
+exchange group when they live on other ranks), each engine backpropagates its net's sum and
+steps, and the loop logs. Loss terms and ablations live in the task; placement in ``dist/``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,19 +18,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dist_coop.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.config import Config, save_config
 from dist_coop.coop.task import build_task, net_of
 from dist_coop.data import Data
 from dist_coop.data.memory import MemoryBatches
+from dist_coop.dist.comm import LogitExchange, all_reduce_sum, barrier, build_groups, gather_to_main
+from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine
 from dist_coop.dist.env import DistInfo
-from dist_coop.evaluate import evaluate_all, results_table
+from dist_coop.dist.placement import plan_placement
+from dist_coop.evaluate import evaluate_sums, results_table, selected_depths, sums_to_metrics
 from dist_coop.infer.cost import depth_costs
-from dist_coop.models.adaptive import AdaptiveNet, recalibrate_bn
+from dist_coop.models.adaptive import recalibrate_bn
 from dist_coop.models.registry import build_from_config
-from dist_coop.optim import build_optimizer, build_scheduler
 from dist_coop.track import NullTracker, Tracker
 from dist_coop.track.plots import plot_accuracy_vs_flops
+
+DEFAULT_CALIBRATION_SAMPLES = 2000  # for depths no loss term trains, when train.recalibrate_bn is 0
+CHECKPOINTS, LATEST, TRAINER_STATE = "checkpoints", "latest", "trainer.pt"
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -44,45 +51,52 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def build_nets(cfg: Config, specs, device: torch.device) -> dict[str, AdaptiveNet]:
-    """Every net of the task, each from its own seed (Teammates must start different)."""
-    nets = {}
-    for i, spec in enumerate(specs):
-        torch.manual_seed(cfg.train.seed * 1000 + i)
-        nets[spec.name] = build_from_config(cfg.model, cfg.coop.scaling_factors, leader=spec.leader).to(device)
-    return nets
-
-
-DEFAULT_CALIBRATION_SAMPLES = 2000  # for depths no loss term trains, when train.recalibrate_bn is 0
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (its tag is written last, atomically)."""
+    marker = Path(run_dir) / CHECKPOINTS / LATEST
+    return marker.parent / marker.read_text().strip() if marker.is_file() else None
 
 
 class Trainer:
     def __init__(
-        self,
-        cfg: Config,
-        data: Data,
-        *,
-        run_dir: str | Path,
-        dist: DistInfo | None = None,
-        tracker: Tracker | None = None,
+        self, cfg: Config, data: Data, *, run_dir: str | Path, dist: DistInfo | None = None, tracker: Tracker | None = None
     ) -> None:
-        self.cfg, self.data = cfg, data
-        self.dist = dist or DistInfo()
+        self.cfg, self.dist = cfg, dist or DistInfo()
         self.device = self.dist.device
         self.run_dir = Path(run_dir)
         self.tracker = tracker or NullTracker()
         self.task = build_task(cfg.coop, label_smoothing=cfg.optim.label_smoothing)
-        self.nets = build_nets(cfg, self.task.specs, self.device)
-        self.steps_per_epoch = len(data.train)
+        self.placement = plan_placement(cfg.dist.placement, self.dist.world_size, [s.name for s in self.task.specs])
+        self.groups = build_groups(self.placement, self.dist)
+        self.exchange = LogitExchange(self.placement, self.groups, self.dist)
+        self.local_specs = [s for s in self.task.specs if s.name in self.placement.nets_of(self.dist.rank)]
+        shard = self.placement.exchange_index(self.dist.rank)
+        self.train_data = data.train.sharded(shard, self.placement.num_shards)
+        self.data = data
+        self.steps_per_epoch = len(self.train_data)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.optims = {n: build_optimizer(net, cfg.optim) for n, net in self.nets.items()}
-        self.scheds = {n: build_scheduler(opt, self.total_steps, cfg.optim) for n, opt in self.optims.items()}
-        self.amp_dtype = resolve_amp(cfg.optim.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.engines = {spec.name: self._engine(i, spec) for i, spec in enumerate(self.task.specs) if spec in self.local_specs}
+        engine_amp = cfg.dist.engine == "deepspeed"  # DeepSpeed casts the model itself
+        self.amp_dtype = None if engine_amp else resolve_amp(cfg.optim.amp, self.device)
         self.step = 0  # optimizer steps done
         self.mlflow_run_id = ""
+
+    def _engine(self, index: int, spec):
+        torch.manual_seed(self.cfg.train.seed * 1000 + index)  # same init whatever the placement
+        net = build_from_config(self.cfg.model, self.cfg.coop.scaling_factors, leader=spec.leader).to(self.device)
+        group = self.groups.net.get(spec.name)
+        if self.cfg.dist.engine == "deepspeed":
+            return DeepSpeedEngine(
+                net, self.cfg, self.total_steps, group=group, singleton=self.groups.singleton, micro_batch=self.train_data.batch_size
+            )
+        fp16 = resolve_amp(self.cfg.optim.amp, self.device) == torch.float16
+        return TorchEngine(net, self.cfg.optim, self.total_steps, group=group, fp16=fp16)
+
+    @property
+    def nets(self) -> dict[str, torch.nn.Module]:
+        return {name: engine.module for name, engine in self.engines.items()}
 
     # ------------------------------------------------------------------ one step
 
@@ -92,26 +106,19 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One optimizer step of every net on the batch; returns the loss terms and per-net totals."""
-        for net in self.nets.values():
-            net.train()
-        for opt in self.optims.values():
-            opt.zero_grad(set_to_none=True)
+        """One optimizer step of every local net on the batch; returns the loss terms and per-net totals."""
+        for engine in self.engines.values():
+            engine.module.train()
         with self.autocast():
-            terms = self.task(self.nets, x, y)
+            terms = self.task.local_terms(self.engines, x, y, self.exchange)
         totals: dict[str, torch.Tensor] = {}
         for name, value in terms.items():
             totals[net_of(name)] = totals.get(net_of(name), 0.0) + value
-        # each net's total touches only its own parameters, so one backward of the sum is
-        # the same as one backward per net
-        self.scaler.scale(sum(totals.values())).backward()
-        for name, opt in self.optims.items():
-            if self.cfg.optim.grad_clip > 0:
-                self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(self.nets[name].parameters(), self.cfg.optim.grad_clip)
-            self.scaler.step(opt)
-            self.scheds[name].step()
-        self.scaler.update()
+        # each net's total touches only its own parameters (teachers are detached)
+        for name, engine in self.engines.items():
+            engine.backward(totals[name])
+        for engine in self.engines.values():
+            engine.step()
         self.step += 1
         out = {f"train/{k}": v.item() for k, v in terms.items()}
         out.update({f"train/loss/{k}": v.item() for k, v in totals.items()})
@@ -122,22 +129,24 @@ class Trainer:
     def train(self, stop_at_step: int | None = None) -> dict[str, float]:
         """Train to ``total_steps`` (or stop early at ``stop_at_step``, as a crash would); returns final metrics."""
         cfg = self.cfg.train
-        show = cfg.progress and self.dist.is_main
         metrics: dict[str, float] = {}
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             steps_left = min(self.steps_per_epoch - start, self.total_steps - self.step)
+            show = cfg.progress and self.dist.is_main
             bar = tqdm(total=steps_left, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
             tick, seen = time.perf_counter(), 0
-            for x, y in self.data.train.epoch(epoch, start):
+            for x, y in self.train_data.epoch(epoch, start):
                 logs = self.train_step(x, y)
                 seen += len(y)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    logs["train/samples_per_s"] = seen / (time.perf_counter() - tick)
-                    logs["train/lr"] = next(iter(self.scheds.values())).get_last_lr()[0]
+                    logs[f"train/samples_per_s/rank{self.dist.rank}"] = seen / (time.perf_counter() - tick)
+                    logs["train/lr"] = next(iter(self.engines.values())).lr()
+                    logs = gather_to_main(self.dist, logs)
                     self.tracker.log_metrics(self.step, logs)
-                    bar.set_postfix(loss=f"{sum(v for k, v in logs.items() if k.startswith('train/loss/')):.3f}")
+                    if logs:
+                        bar.set_postfix(loss=f"{sum(v for k, v in logs.items() if k.startswith('train/loss/')):.3f}")
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                 if self.step == stop_at_step:
@@ -151,11 +160,26 @@ class Trainer:
                 metrics = self.evaluate("trained")
                 self.tracker.log_metrics(self.step, metrics)
                 self.log(f"epoch {epoch + 1}: " + self.summary(metrics))
-            self.save()
+            if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                self.save()
         return metrics
 
     def evaluate(self, which: str = "all") -> dict[str, float]:
-        return evaluate_all(self.nets, self.task.specs, lambda: self.data.val.epoch(0), self.autocast, which=which)
+        """Every local net at the selected depths; validation sharded over each net's group, sums all-reduced.
+
+        Returns the metrics of all nets on global rank 0 (gathered), {} elsewhere.
+        """
+        group_rank = self.placement.net_ranks(self.local_specs[0].name).index(self.dist.rank)
+        val = self.data.val.sharded(group_rank, len(self.placement.net_ranks(self.local_specs[0].name)))
+        local: dict[str, float] = {}
+        for spec in self.local_specs:
+            engine = self.engines[spec.name]
+            for s in selected_depths(spec, which):
+                sums = evaluate_sums(engine, val.epoch(0), s, self.autocast)
+                sums = all_reduce_sum(sums, self.groups.net.get(spec.name), self.device)
+                for key, value in sums_to_metrics(sums).items():
+                    local[f"val/{key}/{spec.metric(s)}"] = value
+        return gather_to_main(self.dist, local)
 
     def summary(self, metrics: dict[str, float]) -> str:
         return ", ".join(
@@ -175,24 +199,21 @@ class Trainer:
         """Recompute depths' BN statistics on ``num_samples`` un-augmented training samples.
 
         All depths, or (``untrained_only``) just those no loss term trains, whose statistics
-        were never updated: a truncated net needs them to be evaluated fairly.
+        were never updated: a truncated net needs them to be evaluated fairly. Every rank of a
+        net's group uses the same samples, so replicas stay identical.
         """
         train = self.data.train
         calib = MemoryBatches(
-            train.split.take(num_samples),
-            batch_size=train.batch_size,
-            mean=train.mean,
-            std=train.std,
-            train=False,
-            device=self.device,
+            train.split.take(num_samples), batch_size=train.batch_size, mean=train.mean, std=train.std, train=False, device=self.device
         )
-        for spec in self.task.specs:
-            for s in spec.eval_depths:
-                if not (untrained_only and s in spec.trained_depths):
-                    recalibrate_bn(self.nets[spec.name], (x for x, _ in calib.epoch(0)), s)
+        for spec in self.local_specs:
+            engine = self.engines[spec.name]
+            dtype = getattr(engine, "dtype", torch.float32)
+            for s in selected_depths(spec, "untrained" if untrained_only else "all"):
+                recalibrate_bn(engine.module, (x.to(dtype) for x, _ in calib.epoch(0)), s)
 
     def finish(self, metrics: dict[str, float]) -> dict[str, Any]:
-        """Costs per depth, the results table, plot and artifacts; returns the final results."""
+        """BN for untrained depths, final evaluation, costs, table, plot and artifacts (rank 0)."""
         samples = self.cfg.train.recalibrate_bn
         self.recalibrate(samples or DEFAULT_CALIBRATION_SAMPLES, untrained_only=not samples)
         if samples or not metrics:  # every depth changed (or none was evaluated yet)
@@ -201,75 +222,73 @@ class Trainer:
             metrics = {**metrics, **self.evaluate("untrained")}
         self.save()  # the checkpoint holds the recalibrated statistics too
         shape = tuple(self.data.val.split.images.shape[1:])
-        costs = {spec.name: depth_costs(self.nets[spec.name], shape) for spec in self.task.specs}
-        cost_metrics = {}
-        for spec in self.task.specs:
-            for s in spec.eval_depths:
-                cost_metrics[f"cost/gflops/{spec.metric(s)}"] = costs[spec.name][s].gflops
-                cost_metrics[f"cost/params/{spec.metric(s)}"] = float(costs[spec.name][s].params)
-        self.tracker.log_metrics(self.step, {**metrics, **cost_metrics})
+        local_costs: dict[str, float] = {}
+        for spec in self.local_specs:
+            for s, c in depth_costs(self.engines[spec.name].module, shape).items():
+                local_costs[f"cost/gflops/{spec.metric(s)}"] = c.gflops
+                local_costs[f"cost/params/{spec.metric(s)}"] = float(c.params)
+                local_costs[f"cost/blocks/{spec.metric(s)}"] = float(c.blocks)
+        costs = gather_to_main(self.dist, local_costs)
+        results = {"step": self.step, "metrics": metrics, "costs": costs, "placement": self.placement.kind}
+        if not self.dist.is_main:
+            return results
+        self.tracker.log_metrics(self.step, {**metrics, **costs})
         table = results_table(self.task.specs, metrics, costs)
         self.log("\n" + table)
-        results = {"step": self.step, "metrics": metrics, "costs": cost_metrics}
-        if self.dist.is_main:
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
-            (self.run_dir / "results.txt").write_text(table + "\n")
-            curves: dict[str, dict[float, tuple[float, float]]] = {}
-            for spec in self.task.specs:
-                for s in spec.eval_depths:
-                    curves.setdefault(spec.role or spec.name, {})[s] = (
-                        costs[spec.name][s].gflops,
-                        metrics[f"val/acc1/{spec.metric(s)}"],
-                    )
-            plot = plot_accuracy_vs_flops(curves, self.run_dir / "accuracy_vs_gflops.png", self.cfg.train.run_name)
-            for path in (
-                self.run_dir / "config.yaml",
-                self.run_dir / "results.txt",
-                self.run_dir / "results.json",
-                plot,
-                self.run_dir / LATEST,
-            ):
-                if path.exists():
-                    self.tracker.log_artifact(path)
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        (self.run_dir / "results.txt").write_text(table + "\n")
+        curves: dict[str, dict[float, tuple[float, float]]] = {}
+        for spec in self.task.specs:
+            for s in spec.eval_depths:
+                m = spec.metric(s)
+                curves.setdefault(spec.role or spec.name, {})[s] = (costs[f"cost/gflops/{m}"], metrics[f"val/acc1/{m}"])
+        plot = plot_accuracy_vs_flops(curves, self.run_dir / "accuracy_vs_gflops.png", self.cfg.train.run_name)
+        for path in (self.run_dir / "config.yaml", self.run_dir / "results.txt", self.run_dir / "results.json", plot):
+            self.tracker.log_artifact(path)
+        self.tracker.log_artifact(latest_checkpoint(self.run_dir))
         return results
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "nets": {n: net.state_dict() for n, net in self.nets.items()},
-            "optims": {n: opt.state_dict() for n, opt in self.optims.items()},
-            "scheds": {n: s.state_dict() for n, s in self.scheds.items()},
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "rng": {"torch": torch.get_rng_state()},  # data order and augmentation are seeded by (seed, epoch, step)
-            "config": self.cfg.to_dict(),
-            "mlflow_run_id": self.mlflow_run_id,
-        }
+    def save(self) -> Path:
+        """Every engine saves into ``checkpoints/step_N/``; then rank 0 writes the trainer state and, last, the tag.
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state["nets"]) != set(self.nets):
-            raise ValueError(f"checkpoint holds nets {sorted(state['nets'])}, this config trains {sorted(self.nets)}")
-        for n, net in self.nets.items():
-            net.load_state_dict(state["nets"][n])
-            self.optims[n].load_state_dict(state["optims"][n])
-            self.scheds[n].load_state_dict(state["scheds"][n])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.mlflow_run_id = state.get("mlflow_run_id", "")
-
-    def save(self) -> None:
+        Every rank agrees on the tag (the step). A crash mid-save leaves the previous tag in force.
+        """
+        tag = f"step_{self.step:08d}"
+        folder = self.run_dir / CHECKPOINTS / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, engine in self.engines.items():
+            engine.save(folder, name)
+        barrier(self.dist)
         if self.dist.is_main:
-            save_checkpoint(self.state_dict(), self.run_dir / LATEST)
+            state = {"step": self.step, "config": self.cfg.to_dict(), "mlflow_run_id": self.mlflow_run_id, "rng": torch.get_rng_state()}
+            save_checkpoint(state, folder / TRAINER_STATE)
+            marker = self.run_dir / CHECKPOINTS / LATEST
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(tag)
+            tmp.replace(marker)
+            tags = sorted(p for p in marker.parent.glob("step_*") if p.is_dir())
+            for old in tags[: -self.cfg.dist.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(self.dist)
+        return folder
 
-    def resume(self, path: str | Path) -> None:
-        self.load_state_dict(load_checkpoint(path, self.device))
-        self.log(f"resumed from {path} at step {self.step}")
+    def resume(self, folder: str | Path) -> None:
+        """Load every local engine and the trainer state from a checkpoint folder (``checkpoints/step_N``)."""
+        folder = Path(folder)
+        state = load_checkpoint(folder / TRAINER_STATE)
+        for name, engine in self.engines.items():
+            engine.load(folder, name)
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"])
+        self.mlflow_run_id = state.get("mlflow_run_id", "")
+        self.log(f"resumed from {folder} at step {self.step}")
 
 
-def prepare_run_dir(cfg: Config) -> Path:
+def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
     run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or "run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     return run_dir

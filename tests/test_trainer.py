@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from dist_coop.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.cli import evaluate_checkpoint, run_training
 from dist_coop.config import load_config
 from dist_coop.data import build_data
-from dist_coop.trainer import Trainer, resolve_amp
+from dist_coop.trainer import TRAINER_STATE, Trainer, latest_checkpoint, resolve_amp
 
 TINY = [
     "--model.name=resnet20",
@@ -52,11 +52,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fmnist_root, recorder):
 
     cfg_b = tiny(tmp_path / "b", "--train.checkpoint_every=5")
     crashed = Trainer(cfg_b, data, run_dir=tmp_path / "b", tracker=RecordingTracker())
-    crashed.train(stop_at_step=11)  # checkpoints at 5 and 10 (mid-epoch 2)
-    assert load_checkpoint(tmp_path / "b" / LATEST)["step"] == 10
+    crashed.train(stop_at_step=11)  # checkpoints at 5, 8 (epoch end) and 10
+    latest = latest_checkpoint(tmp_path / "b")
+    assert latest.name == "step_00000010" and load_checkpoint(latest / TRAINER_STATE)["step"] == 10
+    assert sorted(p.name for p in latest.parent.glob("step_*")) == ["step_00000008", "step_00000010"]  # epoch end + step 10; older pruned
     second = RecordingTracker()
     resumed = Trainer(cfg_b, data, run_dir=tmp_path / "b", tracker=second)
-    resumed.resume(tmp_path / "b" / LATEST)
+    resumed.resume(latest)
     assert resumed.step == 10
     resumed.train()
     got = losses(second)
@@ -134,8 +136,9 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
     # learning happened: well above chance (10 %) after 40 steps on real data
     assert m["val/acc1/teammate_a@1.0"] > 20.0
     run_dir = tmp_path / "t"
-    for name in ("config.yaml", "results.txt", "results.json", "accuracy_vs_gflops.png", LATEST):
+    for name in ("config.yaml", "results.txt", "results.json", "accuracy_vs_gflops.png"):
         assert (run_dir / name).is_file(), name
+    assert (latest_checkpoint(run_dir) / "teammate_a.pt").is_file()
     assert json.loads((run_dir / "results.json").read_text())["step"] == 40
     uri = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -147,10 +150,10 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
     history = client.get_metric_history(run.info.run_id, "val/acc1/teammate_b/depth_0.5")
     assert len(history) >= 2  # one per epoch (+ the final one)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "accuracy_vs_gflops.png", "results.txt", LATEST} <= artifacts
+    assert {"config.yaml", "accuracy_vs_gflops.png", "results.txt", "step_00000040"} <= artifacts
     # resume=auto with a finished run continues the same MLflow run and trains no more
     again = run_training(tiny(tmp_path, "--tracking.backend=mlflow", "--data.train_subset=640", "--train.resume=auto"))
     assert again["step"] == 40
     assert len(client.search_runs([exp.experiment_id])) == 1
-    table = evaluate_checkpoint(run_dir / LATEST, "cpu")
+    table = evaluate_checkpoint(run_dir, "cpu")
     assert "teammate_a" in table and "0.25" in table

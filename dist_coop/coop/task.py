@@ -9,7 +9,7 @@ each net's loss touches only its own parameters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ from dist_coop.coop.losses import cross_entropy, kd_loss, sfsl_weights
 from dist_coop.models.adaptive import AdaptiveNet
 
 LEADER, TEAMMATE_A, TEAMMATE_B = "leader", "teammate_a", "teammate_b"
+Exchange = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
 
 def term_name(net: str, term: str, s: float) -> str:
@@ -98,14 +99,22 @@ class CooperativeTask:
         net.set_depth(1.0)
         return terms
 
-    def __call__(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """All nets in this process (the colocated placement): full forwards, then every net's terms."""
-        full = {spec.name: self.full_forward(nets[spec.name], x) for spec in self.specs}
-        soft = {name: z.detach() for name, z in full.items()}
+    def local_terms(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange) -> dict[str, Tensor]:
+        """The terms of the nets on this rank: their full forwards, the exchange of soft targets, their terms.
+
+        ``exchange`` maps this rank's detached full-depth logits to every net's (the identity
+        when all nets are local; an all-gather in the split placement).
+        """
+        full = {name: self.full_forward(net, x) for name, net in nets.items()}
+        soft = exchange({name: z.detach() for name, z in full.items()})
         terms: dict[str, Tensor] = {}
-        for spec in self.specs:
-            terms.update(self.net_terms(spec.name, nets[spec.name], full[spec.name], x, y, soft))
+        for name, net in nets.items():
+            terms.update(self.net_terms(name, net, full[name], x, y, soft))
         return terms
+
+    def __call__(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """All nets in this process (the colocated placement)."""
+        return self.local_terms({spec.name: nets[spec.name] for spec in self.specs}, x, y, dict)
 
 
 class IndependentTask:
@@ -117,9 +126,15 @@ class IndependentTask:
             NetSpec(f"independent_{s}", False, (s,), s, "independent", (s,)) for s in sorted(coop.scaling_factors)
         ]
 
+    def local_terms(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange) -> dict[str, Tensor]:
+        """Independent nets exchange nothing."""
+        return self(nets, x, y)
+
     def __call__(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor) -> dict[str, Tensor]:
         terms = {}
         for spec in self.specs:
+            if spec.name not in nets:
+                continue
             net = nets[spec.name]
             net.set_depth(spec.train_depth)
             terms[term_name(spec.name, "ce", spec.train_depth)] = cross_entropy(net(x), y, self.label_smoothing)

@@ -44,31 +44,61 @@ class MemoryBatches:
         padding: int = 0,
         augment: bool = True,
         device: torch.device | str = "cpu",
+        shard: int = 0,
+        num_shards: int = 1,
     ) -> None:
-        if train and len(split) < batch_size:
-            raise ValueError(f"data.batch_size {batch_size} is larger than the training split ({len(split)} samples)")
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+        if train and len(split) < batch_size * num_shards:
+            raise ValueError(
+                f"data.batch_size {batch_size} x {num_shards} data shards is larger than the training split ({len(split)} samples)"
+            )
         self.split, self.batch_size, self.train = split, batch_size, train
         self.mean, self.std, self.seed = tuple(mean), tuple(std), seed
         self.padding, self.augment, self.device = padding, augment, torch.device(device)
+        self.shard, self.num_shards = shard, num_shards
+
+    def sharded(self, shard: int, num_shards: int) -> MemoryBatches:
+        """The same stream, reading data shard ``shard`` of ``num_shards``.
+
+        Training: step t of an epoch takes a global batch of ``batch_size * num_shards`` samples of
+        the epoch's permutation and shard k reads the k-th ``batch_size`` of it; its augmentation
+        is seeded by (seed, epoch, t, k), so every rank reading shard k (an exchange group) sees
+        the same pixels. Evaluation: shard k reads the k-th contiguous chunk of the split, so the
+        shards together cover every sample exactly once.
+        """
+        return MemoryBatches(
+            self.split, batch_size=self.batch_size, mean=self.mean, std=self.std, train=self.train, seed=self.seed,
+            padding=self.padding, augment=self.augment, device=self.device, shard=shard, num_shards=num_shards,
+        )
+
+    def _eval_range(self) -> range:
+        n, k = len(self.split), self.num_shards
+        chunk = -(-n // k)
+        return range(min(n, self.shard * chunk), min(n, (self.shard + 1) * chunk))
 
     def __len__(self) -> int:
-        """Steps per epoch: training drops the last partial batch, evaluation keeps it."""
-        n = len(self.split)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        """Steps per epoch: training drops the last partial global batch, evaluation keeps it."""
+        if self.train:
+            return len(self.split) // (self.batch_size * self.num_shards)
+        return -(-len(self._eval_range()) // self.batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches ``start, start + 1, ...`` of ``epoch`` as (x float (B, C, H, W), y int64 (B,))."""
-        n = len(self.split)
+        n, b = len(self.split), self.batch_size
         if self.train:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            offset, stride = self.shard * b, b * self.num_shards
         else:
-            order = torch.arange(n)
+            rows = self._eval_range()
+            order = torch.arange(rows.start, rows.stop)
+            offset, stride = 0, b
         for step in range(start, len(self)):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            idx = order[step * stride + offset : step * stride + offset + b]
             x = self.split.images[idx].to(self.device, non_blocking=True)
             y = self.split.labels[idx].to(self.device, non_blocking=True)
             x = normalize(x, self.mean, self.std)
             if self.train and self.augment:
-                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + step)
+                g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + self.shard)
                 x = random_crop_flip(x, self.padding, g)
             yield x, y

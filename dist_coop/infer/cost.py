@@ -39,14 +39,16 @@ def active_params(net: AdaptiveNet, s: float) -> int:
         for p in module.parameters(recurse=False):
             if id(p) in skipped:
                 continue
-            rows = p.shape[0] if isinstance(module, DepthBatchNorm2d) and p.dim() == 2 else 1
-            total += p.numel() // rows
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions parameters
+            rows = shape[0] if isinstance(module, DepthBatchNorm2d) and len(shape) == 2 else 1
+            total += getattr(p, "ds_numel", p.numel()) // rows  # ZeRO-3 partitions parameters
     return total
 
 
 def depth_costs(net: AdaptiveNet, input_shape: Sequence[int]) -> dict[float, DepthCost]:
     """``{s: DepthCost}`` for one image of shape (C, H, W) at every depth of ``net``."""
-    x = torch.zeros(1, *input_shape, device=next(net.parameters()).device)
+    first = next(net.parameters())
+    x = torch.zeros(1, *input_shape, device=first.device, dtype=first.dtype)
     was_training = net.training
     net.eval()
     costs = {}

@@ -38,7 +38,11 @@ class MlflowTracker:
         self._mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path) -> None:
-        self._mlflow.log_artifact(str(path))
+        path = Path(path)
+        if path.is_dir():  # a checkpoint folder: keep its name
+            self._mlflow.log_artifacts(str(path), artifact_path=path.name)
+        else:
+            self._mlflow.log_artifact(str(path))
 
     def close(self) -> None:
         self._mlflow.end_run()

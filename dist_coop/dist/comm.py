@@ -1,0 +1,105 @@
+"""Process groups of a placement, the soft-target exchange, and gathers for metrics.
+
+Every helper is a no-op at world size 1 (no process group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dist_coop.dist.env import DistInfo
+from dist_coop.dist.placement import Placement
+
+
+@dataclass
+class Groups:
+    """The process groups this rank belongs to (None at world size 1)."""
+
+    net: dict[str, Any] = field(default_factory=dict)  # net name -> its data-parallel group
+    exchange: Any = None  # this rank's exchange group (split only)
+    singleton: Any = None  # {rank}: DeepSpeed's model-parallel group of size 1
+
+
+def build_groups(placement: Placement, info: DistInfo) -> Groups:
+    """Create every group in the same order on every rank (``new_group`` is collective)."""
+    groups = Groups()
+    if not info.initialized:
+        return groups
+    if placement.kind == "colocated":
+        world = dist.group.WORLD
+        groups.net = {name: world for name in placement.net_names}
+    else:
+        for name in placement.net_names:
+            g = dist.new_group(list(placement.net_ranks(name)))
+            if name in placement.nets_of(info.rank):
+                groups.net[name] = g
+        for index in range(placement.group_size):
+            g = dist.new_group(list(placement.exchange_ranks(index)))
+            if index == placement.exchange_index(info.rank):
+                groups.exchange = g
+    for r in range(info.world_size):
+        g = dist.new_group([r])
+        if r == info.rank:
+            groups.singleton = g
+    return groups
+
+
+class LogitExchange:
+    """All-gather of full-depth logits within an exchange group: each net gets its peers' soft targets.
+
+    Only (B, C) float32 logits travel, detached: nothing bigger, and no gradient crosses ranks.
+    In the colocated placement every net is local and the exchange is the identity.
+    """
+
+    def __init__(self, placement: Placement, groups: Groups, info: DistInfo) -> None:
+        self.placement, self.group, self.info = placement, groups.exchange, info
+        self.seconds = 0.0  # time spent in the all-gather (benchmarks read it)
+
+    def __call__(self, local: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.placement.kind == "colocated" or self.group is None:
+            return dict(local)
+        import time
+
+        ((name, z),) = local.items()
+        z = z.detach().float().contiguous()
+        out = [torch.empty_like(z) for _ in self.placement.net_names]
+        t = time.perf_counter()
+        dist.all_gather(out, z, group=self.group)
+        self.seconds += time.perf_counter() - t
+        gathered = dict(zip(self.placement.net_names, out))
+        gathered[name] = local[name]  # keep the local one as it was (same values)
+        return gathered
+
+
+def gather_to_main(info: DistInfo, payload: dict[str, float]) -> dict[str, float]:
+    """Merge every rank's metrics dict on global rank 0 (others get {})."""
+    if not info.initialized or info.world_size == 1:
+        return dict(payload)
+    parts: list[Any] = [None] * info.world_size if info.is_main else None  # type: ignore[assignment]
+    dist.gather_object(payload, parts, dst=0)
+    if not info.is_main:
+        return {}
+    merged: dict[str, float] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def all_reduce_sum(values: list[float], group: Any, device: torch.device) -> list[float]:
+    """Sum a few numbers over ``group`` (no-op without one)."""
+    if group is None or not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.initialized:
+        dist.barrier()

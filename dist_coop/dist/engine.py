@@ -1,0 +1,202 @@
+"""Training engines: one per net on a rank. The loop calls ``backward``, ``step``, ``save``, ``load``.
+
+* ``TorchEngine``: plain PyTorch. The net's optimizer and schedule; in a group of D > 1 ranks the
+  gradients are averaged over the net's data-parallel group (one flattened all-reduce) before
+  clipping and the step: what DDP does, without DDP's one-forward-per-backward restriction
+  (a step here runs several depths of the same module before one backward).
+* ``DeepSpeedEngine``: ``deepspeed.initialize`` over the net's own data-parallel group (given to
+  DeepSpeed as its ``mpu``), ZeRO stage 0-3, bf16/fp16, clipping, from ``deepspeed_config``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dist_coop.checkpoint import load_checkpoint, save_checkpoint
+from dist_coop.models.adaptive import AdaptiveNet
+from dist_coop.optim import build_optimizer, build_scheduler
+
+ENGINES = ("torch", "deepspeed")
+
+
+class TorchEngine:
+    def __init__(self, net: AdaptiveNet, optim_cfg, total_steps: int, *, group: Any = None, fp16: bool = False) -> None:
+        self.module = net
+        self.optim_cfg = optim_cfg
+        self.optimizer = build_optimizer(net, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, optim_cfg)
+        self.scaler = torch.amp.GradScaler(enabled=fp16)
+        self.group = group
+        self.group_size = dist.get_world_size(group) if group is not None else 1
+        self.group_rank = dist.get_rank(group) if group is not None else 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    def set_depth(self, s: float) -> None:
+        self.module.set_depth(s)
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def _average_gradients(self) -> None:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if self.group_size == 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.group_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def step(self) -> None:
+        self._average_gradients()
+        if self.optim_cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save(self, folder: Path, name: str) -> None:
+        if self.group_rank == 0:  # replicas are identical: one writer per group
+            save_checkpoint(self.state_dict(), folder / f"{name}.pt")
+
+    def load(self, folder: Path, name: str) -> None:
+        self.load_state_dict(load_checkpoint(folder / f"{name}.pt", next(self.module.parameters()).device))
+
+
+class GroupMPU:
+    """What DeepSpeed asks an ``mpu`` for: data parallel = the net's group, no model parallelism."""
+
+    def __init__(self, dp_group: Any, singleton: Any) -> None:
+        self.dp, self.one = dp_group, singleton
+
+    def get_data_parallel_group(self):
+        return self.dp
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.dp)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.dp)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.dp)
+
+    def get_model_parallel_group(self):
+        return self.one
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_pipe_parallel_group = get_model_parallel_group
+    get_slice_parallel_group = get_model_parallel_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_pipe_parallel_world_size = get_model_parallel_world_size
+    get_pipeline_model_parallel_world_size = get_model_parallel_world_size
+    get_slice_parallel_world_size = get_model_parallel_world_size
+    get_sequence_parallel_world_size = get_model_parallel_world_size
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_pipeline_model_parallel_rank = get_model_parallel_rank
+    get_slice_parallel_rank = get_model_parallel_rank
+    get_sequence_parallel_rank = get_model_parallel_rank
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_rank()
+
+
+def deepspeed_config(cfg, *, micro_batch: int, dp_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config, generated from our YAML in this one place.
+
+    ``cfg`` is the whole ``Config``; ``dist.deepspeed_extra`` keys are merged over the result.
+    """
+    amp = cfg.optim.amp
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * dp_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "bf16": {"enabled": amp == "bf16"},
+        "fp16": {"enabled": amp == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in cfg.dist.deepspeed_extra.items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+class DeepSpeedEngine:
+    def __init__(self, net: AdaptiveNet, cfg, total_steps: int, *, group: Any, singleton: Any, micro_batch: int) -> None:
+        import deepspeed
+
+        optimizer = build_optimizer(net, cfg.optim)
+        scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
+        dp_size = dist.get_world_size(group)
+        self.config = deepspeed_config(cfg, micro_batch=micro_batch, dp_size=dp_size)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=net, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
+            mpu=GroupMPU(group, singleton), dist_init_required=False,
+        )
+        self.module: AdaptiveNet = self.engine.module
+        self.dtype = torch.bfloat16 if self.config["bf16"]["enabled"] else torch.float16 if self.config["fp16"]["enabled"] else torch.float32
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.engine(x.to(self.dtype))
+
+    def set_depth(self, s: float) -> None:
+        self.module.set_depth(s)
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()  # clipping, optimizer, scheduler, zero_grad
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save(self, folder: Path, name: str) -> None:
+        self.engine.save_checkpoint(str(folder), tag=name, save_latest=False)
+
+    def load(self, folder: Path, name: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=name)
+        if path is None:
+            raise ValueError(f"DeepSpeed checkpoint not found: {folder / name}")
