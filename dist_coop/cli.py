@@ -27,7 +27,10 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
     own_group = info is None
     if info is None:
         info = init_distributed(
-            cfg.train.device, backend=cfg.dist.backend, need_group=cfg.dist.engine == "deepspeed", timeout_s=cfg.dist.timeout_s
+            cfg.train.device,
+            backend=cfg.dist.backend,
+            need_group=cfg.dist.engine == "deepspeed",
+            timeout_s=cfg.dist.timeout_s,
         )
     try:
         run_dir = prepare_run_dir(cfg, info.is_main)
@@ -35,7 +38,9 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
         _check_data_matches_model(cfg, data)
         resume = resolve_resume(cfg.train.resume, run_dir)
         run_id = load_checkpoint(resume / TRAINER_STATE)["mlflow_run_id"] if resume else ""
-        tracker = build_tracker(cfg.tracking, run_name=cfg.train.run_name, out_dir=cfg.train.out_dir, run_id=run_id, enabled=info.is_main)
+        tracker = build_tracker(
+            cfg.tracking, run_name=cfg.train.run_name, out_dir=cfg.train.out_dir, run_id=run_id, enabled=info.is_main
+        )
         try:
             trainer = Trainer(cfg, data, run_dir=run_dir, dist=info, tracker=tracker)
             if resume:
@@ -80,7 +85,9 @@ def evaluate_checkpoint(folder: str | Path, device: str = "auto") -> str:
         folder = latest_checkpoint(folder)  # a run directory: its latest checkpoint
     cfg = config_from_dict(load_checkpoint(folder / TRAINER_STATE)["config"])
     if cfg.dist.engine != "torch":
-        raise ValueError("dist-coop eval reads checkpoints of the torch engine; DeepSpeed ones need the same world size")
+        raise ValueError(
+            "dist-coop eval reads checkpoints of the torch engine; DeepSpeed ones need the same world size"
+        )
     cfg = replace(cfg, dist={"placement": "colocated"}, tracking={"backend": "none"})
     info = single_process(device)
     data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
@@ -91,7 +98,13 @@ def evaluate_checkpoint(folder: str | Path, device: str = "auto") -> str:
     costs = {}
     for spec in trainer.task.specs:
         for s, c in depth_costs(trainer.nets[spec.name], shape).items():
-            costs.update({f"cost/gflops/{spec.metric(s)}": c.gflops, f"cost/params/{spec.metric(s)}": float(c.params), f"cost/blocks/{spec.metric(s)}": float(c.blocks)})
+            costs.update(
+                {
+                    f"cost/gflops/{spec.metric(s)}": c.gflops,
+                    f"cost/params/{spec.metric(s)}": float(c.params),
+                    f"cost/blocks/{spec.metric(s)}": float(c.blocks),
+                }
+            )
     return results_table(trainer.task.specs, metrics, costs)
 
 

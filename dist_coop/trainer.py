@@ -26,7 +26,7 @@ from dist_coop.data.memory import MemoryBatches
 from dist_coop.dist.comm import LogitExchange, all_reduce_sum, barrier, build_groups, gather_to_main
 from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine
 from dist_coop.dist.env import DistInfo
-from dist_coop.dist.placement import plan_placement
+from dist_coop.dist.placement import check_engine_support, plan_placement
 from dist_coop.evaluate import evaluate_sums, results_table, selected_depths, sums_to_metrics
 from dist_coop.infer.cost import depth_costs
 from dist_coop.models.adaptive import recalibrate_bn
@@ -59,7 +59,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 class Trainer:
     def __init__(
-        self, cfg: Config, data: Data, *, run_dir: str | Path, dist: DistInfo | None = None, tracker: Tracker | None = None
+        self,
+        cfg: Config,
+        data: Data,
+        *,
+        run_dir: str | Path,
+        dist: DistInfo | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self.cfg, self.dist = cfg, dist or DistInfo()
         self.device = self.dist.device
@@ -67,6 +73,7 @@ class Trainer:
         self.tracker = tracker or NullTracker()
         self.task = build_task(cfg.coop, label_smoothing=cfg.optim.label_smoothing)
         self.placement = plan_placement(cfg.dist.placement, self.dist.world_size, [s.name for s in self.task.specs])
+        check_engine_support(self.placement, cfg.dist.engine, cfg.dist.zero_stage)
         self.groups = build_groups(self.placement, self.dist)
         self.exchange = LogitExchange(self.placement, self.groups, self.dist)
         self.local_specs = [s for s in self.task.specs if s.name in self.placement.nets_of(self.dist.rank)]
@@ -77,7 +84,9 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.engines = {spec.name: self._engine(i, spec) for i, spec in enumerate(self.task.specs) if spec in self.local_specs}
+        self.engines = {
+            spec.name: self._engine(i, spec) for i, spec in enumerate(self.task.specs) if spec in self.local_specs
+        }
         engine_amp = cfg.dist.engine == "deepspeed"  # DeepSpeed casts the model itself
         self.amp_dtype = None if engine_amp else resolve_amp(cfg.optim.amp, self.device)
         self.step = 0  # optimizer steps done
@@ -89,7 +98,12 @@ class Trainer:
         group = self.groups.net.get(spec.name)
         if self.cfg.dist.engine == "deepspeed":
             return DeepSpeedEngine(
-                net, self.cfg, self.total_steps, group=group, singleton=self.groups.singleton, micro_batch=self.train_data.batch_size
+                net,
+                self.cfg,
+                self.total_steps,
+                group=group,
+                singleton=self.groups.singleton,
+                micro_batch=self.train_data.batch_size,
             )
         fp16 = resolve_amp(self.cfg.optim.amp, self.device) == torch.float16
         return TorchEngine(net, self.cfg.optim, self.total_steps, group=group, fp16=fp16)
@@ -204,7 +218,12 @@ class Trainer:
         """
         train = self.data.train
         calib = MemoryBatches(
-            train.split.take(num_samples), batch_size=train.batch_size, mean=train.mean, std=train.std, train=False, device=self.device
+            train.split.take(num_samples),
+            batch_size=train.batch_size,
+            mean=train.mean,
+            std=train.std,
+            train=False,
+            device=self.device,
         )
         for spec in self.local_specs:
             engine = self.engines[spec.name]
@@ -262,7 +281,12 @@ class Trainer:
             engine.save(folder, name)
         barrier(self.dist)
         if self.dist.is_main:
-            state = {"step": self.step, "config": self.cfg.to_dict(), "mlflow_run_id": self.mlflow_run_id, "rng": torch.get_rng_state()}
+            state = {
+                "step": self.step,
+                "config": self.cfg.to_dict(),
+                "mlflow_run_id": self.mlflow_run_id,
+                "rng": torch.get_rng_state(),
+            }
             save_checkpoint(state, folder / TRAINER_STATE)
             marker = self.run_dir / CHECKPOINTS / LATEST
             tmp = marker.with_suffix(".tmp")

@@ -55,7 +55,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fmnist_root, recorder):
     crashed.train(stop_at_step=11)  # checkpoints at 5, 8 (epoch end) and 10
     latest = latest_checkpoint(tmp_path / "b")
     assert latest.name == "step_00000010" and load_checkpoint(latest / TRAINER_STATE)["step"] == 10
-    assert sorted(p.name for p in latest.parent.glob("step_*")) == ["step_00000008", "step_00000010"]  # epoch end + step 10; older pruned
+    assert sorted(p.name for p in latest.parent.glob("step_*")) == [
+        "step_00000008",
+        "step_00000010",
+    ]  # epoch end + step 10; older pruned
     second = RecordingTracker()
     resumed = Trainer(cfg_b, data, run_dir=tmp_path / "b", tracker=second)
     resumed.resume(latest)

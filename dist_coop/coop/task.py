@@ -99,7 +99,9 @@ class CooperativeTask:
         net.set_depth(1.0)
         return terms
 
-    def local_terms(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange) -> dict[str, Tensor]:
+    def local_terms(
+        self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange
+    ) -> dict[str, Tensor]:
         """The terms of the nets on this rank: their full forwards, the exchange of soft targets, their terms.
 
         ``exchange`` maps this rank's detached full-depth logits to every net's (the identity
@@ -126,7 +128,9 @@ class IndependentTask:
             NetSpec(f"independent_{s}", False, (s,), s, "independent", (s,)) for s in sorted(coop.scaling_factors)
         ]
 
-    def local_terms(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange) -> dict[str, Tensor]:
+    def local_terms(
+        self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange
+    ) -> dict[str, Tensor]:
         """Independent nets exchange nothing."""
         return self(nets, x, y)
 

@@ -68,8 +68,17 @@ class MemoryBatches:
         shards together cover every sample exactly once.
         """
         return MemoryBatches(
-            self.split, batch_size=self.batch_size, mean=self.mean, std=self.std, train=self.train, seed=self.seed,
-            padding=self.padding, augment=self.augment, device=self.device, shard=shard, num_shards=num_shards,
+            self.split,
+            batch_size=self.batch_size,
+            mean=self.mean,
+            std=self.std,
+            train=self.train,
+            seed=self.seed,
+            padding=self.padding,
+            augment=self.augment,
+            device=self.device,
+            shard=shard,
+            num_shards=num_shards,
         )
 
     def _eval_range(self) -> range:
@@ -99,6 +108,8 @@ class MemoryBatches:
             y = self.split.labels[idx].to(self.device, non_blocking=True)
             x = normalize(x, self.mean, self.std)
             if self.train and self.augment:
-                g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + self.shard)
+                g = torch.Generator().manual_seed(
+                    ((self.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + self.shard
+                )
                 x = random_crop_flip(x, self.padding, g)
             yield x, y

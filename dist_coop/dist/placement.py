@@ -68,3 +68,19 @@ def plan_placement(kind: str, world_size: int, net_names: Sequence[str]) -> Plac
             "Use placement: colocated, or launch a multiple of that many processes."
         )
     return Placement(kind, world_size, tuple(net_names))
+
+
+def check_engine_support(placement: Placement, engine: str, zero_stage: int) -> None:
+    """Refuse combinations DeepSpeed cannot run, before any work.
+
+    DeepSpeed 0.19's ZeRO-3 records each rank's module trace in the first step and asserts it is
+    identical across the *global* group; in the split placement the Leader's trace (one forward)
+    differs from the Teammates' (one per depth), so it fails. ZeRO 0-2 split and ZeRO-3
+    colocated work (tested).
+    """
+    if engine == "deepspeed" and zero_stage == 3 and placement.kind == "split" and placement.world_size > 1:
+        raise ValueError(
+            "dist.zero_stage 3 with placement split is not supported: DeepSpeed ZeRO-3 requires every rank to run "
+            "the same module trace, and the nets of a split placement differ. Use zero_stage 0-2 with split, "
+            "or placement colocated with ZeRO-3."
+        )

@@ -41,7 +41,7 @@ class DepthBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(rows, num_features))
         self.register_buffer("running_mean", torch.zeros(num_depths, num_features))
         self.register_buffer("running_var", torch.ones(num_depths, num_features))
-        self.gate = nn.Parameter(torch.ones(())) if gate else None
+        self.gate = nn.Parameter(torch.ones(1)) if gate else None  # (1,), not (): DeepSpeed cannot broadcast 0-dim
         self.depth_index = num_depths - 1  # full depth until told otherwise
         self.cumulative = False  # recalibration: exact average over the batches seen
         self._num_seen = [0] * num_depths

@@ -1,0 +1,92 @@
+"""Workers for the multi-process tests: real processes, gloo, the real Trainer."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from dist_coop.config import load_config
+from dist_coop.data import build_data
+from dist_coop.dist.env import close_distributed, init_distributed
+from dist_coop.trainer import Trainer
+
+TINY = [
+    "--model.name=resnet20",
+    "--model.width=4",
+    "--model.in_channels=1",
+    "--coop.scaling_factors=[0.25, 0.5, 1.0]",
+    "--data.train_subset=512",
+    "--data.val_subset=300",
+    "--data.batch_size=16",
+    "--data.eval_batch_size=100",
+    "--train.epochs=1",
+    "--train.progress=false",
+    "--train.log_every=1",
+    "--tracking.backend=none",
+    "--train.threads=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_config(out_dir, *extra):
+    return load_config(None, [*TINY, f"--train.out_dir={out_dir}", "--train.run_name=t", *extra])
+
+
+def run_steps(cfg, info, num_steps: int) -> dict:
+    """Run ``num_steps`` training steps; return what each rank saw and computed."""
+    torch.set_num_threads(1)
+    data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
+    trainer = Trainer(cfg, data, run_dir=os.path.join(cfg.train.out_dir, "t"), dist=info)
+    record = {
+        "losses": [],
+        "labels": [],
+        "pixels": [],
+        "nets": sorted(trainer.engines),
+        "placement": trainer.placement.kind,
+    }
+    for step, (x, y) in enumerate(trainer.train_data.epoch(0)):
+        if step == num_steps:
+            break
+        logs = trainer.train_step(x, y)
+        record["losses"].append({k: v for k, v in logs.items() if k.startswith("train/loss/")})
+        record["labels"].append(y.tolist())
+        record["pixels"].append(float(x.double().sum()))
+    record["params"] = {
+        n: torch.cat([p.detach().float().reshape(-1) for p in m.parameters()]) for n, m in trainer.nets.items()
+    }
+    record["exchange_seconds"] = trainer.exchange.seconds
+    return record
+
+
+def worker(rank: int, world_size: int, port: int, out_dir: str, overrides: list[str], num_steps: int) -> None:
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    cfg = tiny_config(out_dir, "--train.device=cpu", *overrides)
+    info = init_distributed("cpu", backend="gloo", need_group=True)
+    try:
+        record = run_steps(cfg, info, num_steps)
+        torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        close_distributed(info)
+
+
+def spawn(world_size: int, out_dir, overrides: list[str], num_steps: int = 3) -> list[dict]:
+    os.makedirs(out_dir, exist_ok=True)
+    torch.multiprocessing.spawn(
+        worker, args=(world_size, free_port(), str(out_dir), list(overrides), num_steps), nprocs=world_size, join=True
+    )
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
