@@ -112,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-coop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train the cooperative nets (overrides: --section.key=value)")
-    p_train.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
+    p_train.add_argument(
+        "--config", default=None, help="YAML config, e.g. configs/quickstart.yaml (default: built-in defaults)"
+    )
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint (folder, or a run directory) at every depth")
     p_eval.add_argument("checkpoint")
     p_eval.add_argument("--device", default="auto")

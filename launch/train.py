@@ -1,7 +1,14 @@
-"""Entry point: ``python launch/train.py --config configs/quickstart.yaml [--section.key=value ...]``.
+"""Entry point for every launcher.
+
+    python launch/train.py --config configs/quickstart.yaml            # one process
+    torchrun --nproc_per_node 3 launch/train.py --config ...            # one node
+    torchrun --nnodes 2 --nproc_per_node 3 --rdzv_backend c10d \\
+        --rdzv_endpoint HOST:29500 launch/train.py --config ...         # two nodes
+    deepspeed --num_gpus 3 launch/train.py --config ... --dist.engine=deepspeed
 
 Thin on purpose: config -> distributed init -> Trainer -> train -> close all live in
-``dist_coop.cli.run_training``. Launchers (``deepspeed``, ``torchrun``) start this file.
+``dist_coop.cli.run_training``; the launchers' variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) are read once by ``init_distributed``.
 """
 
 import sys
@@ -11,5 +18,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from dist_coop.cli import main  # noqa: E402
 
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher passes ``--local_rank=N``; LOCAL_RANK in the environment says the same."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--local_rank":
+            skip = True
+        elif not arg.startswith("--local_rank="):
+            out.append(arg)
+    return out
+
+
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *strip_local_rank(sys.argv[1:])]))

@@ -81,8 +81,21 @@ def init_distributed(
     if not dist.is_initialized():
         if "MASTER_ADDR" not in env:  # a world of one started by plain `python`
             os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, timeout=timeout, store=_restart_safe_store(env, world_size, timeout)
+        )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def _restart_safe_store(env: Mapping[str, str], world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun the workers share the agent's store across restarts; keys a dead generation wrote
+    (gloo's peer addresses) would be read by the next one, which then connects to dead ports. A prefix
+    per restart keeps generations apart. Elsewhere: None (the default ``env://`` init)."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dist_coop/restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
 def close_distributed(info: DistInfo) -> None:

@@ -1,0 +1,97 @@
+"""The real entry point under the real launchers (torchrun, deepspeed), and a rank killed mid-run."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dist_helpers import TINY, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _config(tmp_path, name, *extra):
+    return [*TINY, f"--train.out_dir={tmp_path}", f"--train.run_name={name}", "--train.device=cpu", *extra]
+
+
+def _results(tmp_path, name):
+    return json.loads((tmp_path / name / "results.json").read_text())
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _run(cmd, timeout=300):
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_plain_python_is_world_of_one(tmp_path, fmnist_root):
+    _run(
+        [sys.executable, "launch/train.py", *_config(tmp_path, "one", "--train.max_steps=4", "--dist.engine=deepspeed")]
+    )
+    r = _results(tmp_path, "one")
+    assert r["placement"] == "colocated" and r["step"] == 4
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_split_under_launcher(tmp_path, fmnist_root, launcher):
+    port = str(free_port())
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "3", "--master_port", port]
+    else:
+        if shutil.which("deepspeed", path=str(BIN)) is None:
+            pytest.skip("deepspeed launcher not installed")
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "3", "--master_port", port]
+    extra = ["--train.max_steps=6", "--dist.placement=split", "--dist.engine=deepspeed", "--dist.zero_stage=1"]
+    _run([*cmd, "launch/train.py", *_config(tmp_path, launcher, *extra)])
+    r = _results(tmp_path, launcher)
+    assert r["placement"] == "split" and r["step"] == 6
+    assert {"val/acc1/leader@1.0", "val/acc1/teammate_b@0.25", "val/acc1/leader@0.25"} <= set(r["metrics"])
+    assert r["costs"]["cost/gflops/teammate_a@0.25"] < r["costs"]["cost/gflops/teammate_a@1.0"]
+
+
+def _workers(parent: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def test_rank_killed_mid_run_resumes_and_matches(tmp_path, fmnist_root):
+    """SIGKILL one rank under torchrun --max-restarts=1: the run resumes from the last checkpoint
+    and ends with the same per-depth metrics as an uninterrupted run."""
+    common = ["--train.epochs=2", "--train.checkpoint_every=4", "--train.resume=auto", "--dist.placement=split"]
+    # elastic (c10d) rendezvous: a restart starts a fresh rendezvous round, so the new workers'
+    # process groups never meet the dead ones' addresses
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "3", "--max-restarts", "1"]
+    _run([*torchrun, "launch/train.py", *_config(tmp_path, "clean", *common)])
+    reference = _results(tmp_path, "clean")
+
+    cmd = [*torchrun, "launch/train.py", *_config(tmp_path, "crash", *common)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = tmp_path / "crash" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists() and proc.poll() is None, "no checkpoint before the run ended"
+    killed_at = marker.read_text()
+    victims = _workers(proc.pid)
+    assert len(victims) == 3
+    os.kill(victims[1], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out
+    got = _results(tmp_path, "crash")
+    assert killed_at < "step_00000064" and got["step"] == reference["step"] == 64
+    assert got["metrics"] == pytest.approx(reference["metrics"], rel=1e-6)
