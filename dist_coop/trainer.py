@@ -91,6 +91,7 @@ class Trainer:
         self.amp_dtype = None if engine_amp else resolve_amp(cfg.optim.amp, self.device)
         self.step = 0  # optimizer steps done
         self.mlflow_run_id = ""
+        self.train_seconds, self.train_samples = 0.0, 0  # this process, this launch (throughput)
 
     def _engine(self, index: int, spec):
         torch.manual_seed(self.cfg.train.seed * 1000 + index)  # same init whatever the placement
@@ -151,7 +152,10 @@ class Trainer:
             bar = tqdm(total=steps_left, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
             tick, seen = time.perf_counter(), 0
             for x, y in self.train_data.epoch(epoch, start):
+                t0 = time.perf_counter()
                 logs = self.train_step(x, y)
+                self.train_seconds += time.perf_counter() - t0
+                self.train_samples += len(y)
                 seen += len(y)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -247,8 +251,13 @@ class Trainer:
                 local_costs[f"cost/gflops/{spec.metric(s)}"] = c.gflops
                 local_costs[f"cost/params/{spec.metric(s)}"] = float(c.params)
                 local_costs[f"cost/blocks/{spec.metric(s)}"] = float(c.blocks)
-        costs = gather_to_main(self.dist, local_costs)
+        rate = self.train_samples / self.train_seconds if self.train_seconds else 0.0
+        costs = gather_to_main(self.dist, {**local_costs, f"throughput/samples_per_s/rank{self.dist.rank}": rate})
         results = {"step": self.step, "metrics": metrics, "costs": costs, "placement": self.placement.kind}
+        if self.dist.is_main:
+            self.log(
+                f"training throughput: {rate:.0f} samples/s on rank 0 ({self.placement.kind}, {self.dist.world_size} process(es))"
+            )
         if not self.dist.is_main:
             return results
         self.tracker.log_metrics(self.step, {**metrics, **costs})
