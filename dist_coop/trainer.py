@@ -92,6 +92,7 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.mlflow_run_id = ""
         self.train_seconds, self.train_samples = 0.0, 0  # this process, this launch (throughput)
+        self.evaluated_at = -1  # step of the last evaluation of the trained depths (same on every rank)
 
     def _engine(self, index: int, spec):
         torch.manual_seed(self.cfg.train.seed * 1000 + index)  # same init whatever the placement
@@ -176,6 +177,7 @@ class Trainer:
             epoch_done = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
             if epoch_done and ((epoch + 1) % cfg.eval_every == 0 or self.step == self.total_steps):
                 metrics = self.evaluate("trained")
+                self.evaluated_at = self.step
                 self.tracker.log_metrics(self.step, metrics)
                 self.log(f"epoch {epoch + 1}: " + self.summary(metrics))
             if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
@@ -239,7 +241,8 @@ class Trainer:
         """BN for untrained depths, final evaluation, costs, table, plot and artifacts (rank 0)."""
         samples = self.cfg.train.recalibrate_bn
         self.recalibrate(samples or DEFAULT_CALIBRATION_SAMPLES, untrained_only=not samples)
-        if samples or not metrics:  # every depth changed (or none was evaluated yet)
+        # decided the same way on every rank (the evaluation is collective; metrics live on rank 0 only)
+        if samples or self.evaluated_at != self.step:  # every depth changed, or this step was not evaluated
             metrics = self.evaluate()
         else:  # the last epoch's evaluation holds for the trained depths
             metrics = {**metrics, **self.evaluate("untrained")}

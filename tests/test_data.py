@@ -87,3 +87,18 @@ def test_random_crop_flip():
     assert 0 < n_same < 64 and 0 < n_flip < 64
     again = random_crop_flip(x, 1, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+
+
+def test_shards_cover_training_and_validation_exactly_once():
+    split = Split(torch.zeros(103, 1, 2, 2, dtype=torch.uint8), torch.arange(103))
+    kw = dict(batch_size=10, mean=(0.0,), std=(1.0,), seed=1)
+    train = MemoryBatches(split, train=True, augment=False, **kw)
+    shards = [train.sharded(k, 3) for k in range(3)]
+    assert {len(s) for s in shards} == {3}  # 103 // (10 * 3) steps, the same on every shard
+    seen = [int(v) for s in shards for _, y in s.epoch(0) for v in y]
+    assert len(seen) == len(set(seen)) == 90
+    val = MemoryBatches(split, train=False, **kw)
+    seen = sorted(int(v) for k in range(3) for _, y in val.sharded(k, 3).epoch(0) for v in y)
+    assert seen == list(range(103))
+    with pytest.raises(ValueError, match="shard 3 is not in"):
+        val.sharded(3, 3)

@@ -95,3 +95,27 @@ def test_rank_killed_mid_run_resumes_and_matches(tmp_path, fmnist_root):
     got = _results(tmp_path, "crash")
     assert killed_at < "step_00000064" and got["step"] == reference["step"] == 64
     assert got["metrics"] == pytest.approx(reference["metrics"], rel=1e-6)
+
+
+def test_colocated_two_ranks_full_job_matches_one_process_evaluation(tmp_path, fmnist_root):
+    """The whole job on 2 ranks (train, recalibrate, evaluate sharded, gather): same final metrics as
+    evaluating the saved nets in one process, so the shards covered the validation set exactly once."""
+    from dist_coop.cli import evaluate_checkpoint
+
+    extra = ["--train.max_steps=4", "--dist.placement=colocated"]
+    _run(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "launch/train.py",
+            *_config(tmp_path, "colo", *extra),
+        ]
+    )
+    r = _results(tmp_path, "colo")
+    assert r["placement"] == "colocated" and r["step"] == 4
+    table = evaluate_checkpoint(tmp_path / "colo", "cpu")
+    row = next(line for line in table.splitlines() if line.startswith("teammate_a") and line.split()[1] == "0.25")
+    assert float(row.split()[5]) == pytest.approx(r["metrics"]["val/acc1/teammate_a@0.25"], abs=1e-6)
