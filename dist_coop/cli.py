@@ -94,7 +94,7 @@ def evaluate_checkpoint(folder: str | Path, device: str = "auto") -> str:
     trainer = Trainer(cfg, data, run_dir=folder.parent.parent, dist=info)
     trainer.resume(folder)
     metrics = trainer.evaluate()
-    shape = tuple(data.val.split.images.shape[1:])
+    shape = data.input_shape
     costs = {}
     for spec in trainer.task.specs:
         for s, c in depth_costs(trainer.nets[spec.name], shape).items():
@@ -108,6 +108,22 @@ def evaluate_checkpoint(folder: str | Path, device: str = "auto") -> str:
     return results_table(trainer.task.specs, metrics, costs)
 
 
+def write_shards_command(args: argparse.Namespace) -> None:
+    from dist_coop.data.shards import write_shards
+    from dist_coop.data.sources import SOURCES
+
+    if args.source != "bundled" and not args.root:
+        raise ValueError(f"--root is required for --source {args.source}")
+    kwargs = {"labels": args.cifar_labels} if args.source == "cifar" else {}
+    source = SOURCES[args.source](args.root, **kwargs)
+    index = write_shards(
+        source, args.out, max_count=args.max_count, max_bytes=args.max_bytes, workers=args.workers, limit=args.limit
+    )
+    for split, info in index["splits"].items():
+        print(f"{split}: {info['count']} samples in {len(info['shards'])} shard(s)")
+    print(f"{len(index['classes'])} classes; index: {Path(args.out) / 'index.json'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-coop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,10 +134,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint (folder, or a run directory) at every depth")
     p_eval.add_argument("checkpoint")
     p_eval.add_argument("--device", default="auto")
+    p_shards = sub.add_parser("shards", help="write a dataset as webdataset tar shards + index.json")
+    p_shards.add_argument("--source", required=True, choices=["tiny_imagenet", "cifar", "folder", "bundled"])
+    p_shards.add_argument(
+        "--root", default="", help="the dataset folder as distributed (bundled: the IDX folder, default the Debian one)"
+    )
+    p_shards.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    p_shards.add_argument("--max-count", type=int, default=10_000, help="samples per shard (0 = no limit)")
+    p_shards.add_argument("--max-bytes", type=int, default=0, help="image bytes per shard (0 = no limit)")
+    p_shards.add_argument("--workers", type=int, default=0, help="encoding processes (0 = one per core)")
+    p_shards.add_argument("--cifar-labels", default="fine", choices=["fine", "coarse"], help="CIFAR-100 label set")
+    p_shards.add_argument("--limit", type=int, default=0, help="only the first N samples of each split")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "train":
             run_training(load_config(args.config, rest))
+        elif args.command == "shards":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            write_shards_command(args)
         else:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")

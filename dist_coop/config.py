@@ -111,13 +111,23 @@ class DataConfig:
     eval_batch_size: int = 1000
     augment: bool = True  # random crop with padding + horizontal flip, on tensors
     crop_padding: int = 2
+    shards: str = ""  # a folder written by `dist-coop shards`: stream from it instead of loading in memory
+    val_split: str = ""  # shards: the evaluation split ("" = val if present, else test)
+    image_size: int = 0  # shards: resize images to this square size (0 = as stored; must be uniform)
+    workers: int = 0  # shards: DataLoader workers per rank
+    on_corrupt: str = "error"  # shards: error | skip (warn, count in data/corrupt_skipped, drop the sample)
 
     def __post_init__(self) -> None:
         _choice("data", "dataset", self.dataset, DATASETS)
         for name in ("batch_size", "eval_batch_size"):
             _positive("data", name, getattr(self, name))
-        for name in ("train_subset", "val_subset", "crop_padding"):
+        for name in ("train_subset", "val_subset", "crop_padding", "image_size", "workers"):
             _positive("data", name, getattr(self, name), allow_zero=True)
+        _choice("data", "on_corrupt", self.on_corrupt, ("error", "skip"))
+        if self.shards and (self.train_subset or self.val_subset):
+            raise ValueError(
+                "data.train_subset / val_subset apply to in-memory data; write fewer samples into the shards instead"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

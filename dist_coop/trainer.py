@@ -22,7 +22,6 @@ from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.config import Config, save_config
 from dist_coop.coop.task import build_task, net_of
 from dist_coop.data import Data
-from dist_coop.data.memory import MemoryBatches
 from dist_coop.dist.comm import LogitExchange, all_reduce_sum, barrier, build_groups, gather_to_main
 from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine
 from dist_coop.dist.env import DistInfo
@@ -162,6 +161,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     logs[f"train/samples_per_s/rank{self.dist.rank}"] = seen / (time.perf_counter() - tick)
                     logs["train/lr"] = next(iter(self.engines.values())).lr()
+                    logs[f"data/corrupt_skipped/rank{self.dist.rank}"] = float(getattr(self.train_data, "skipped", 0))
                     logs = gather_to_main(self.dist, logs)
                     self.tracker.log_metrics(self.step, logs)
                     if logs:
@@ -222,20 +222,11 @@ class Trainer:
         were never updated: a truncated net needs them to be evaluated fairly. Every rank of a
         net's group uses the same samples, so replicas stay identical.
         """
-        train = self.data.train
-        calib = MemoryBatches(
-            train.split.take(num_samples),
-            batch_size=train.batch_size,
-            mean=train.mean,
-            std=train.std,
-            train=False,
-            device=self.device,
-        )
         for spec in self.local_specs:
             engine = self.engines[spec.name]
             dtype = getattr(engine, "dtype", torch.float32)
             for s in selected_depths(spec, "untrained" if untrained_only else "all"):
-                recalibrate_bn(engine.module, (x.to(dtype) for x, _ in calib.epoch(0)), s)
+                recalibrate_bn(engine.module, (x.to(dtype) for x in self.data.calibration(num_samples)), s)
 
     def finish(self, metrics: dict[str, float]) -> dict[str, Any]:
         """BN for untrained depths, final evaluation, costs, table, plot and artifacts (rank 0)."""
@@ -247,7 +238,7 @@ class Trainer:
         else:  # the last epoch's evaluation holds for the trained depths
             metrics = {**metrics, **self.evaluate("untrained")}
         self.save()  # the checkpoint holds the recalibrated statistics too
-        shape = tuple(self.data.val.split.images.shape[1:])
+        shape = self.data.input_shape
         local_costs: dict[str, float] = {}
         for spec in self.local_specs:
             for s, c in depth_costs(self.engines[spec.name].module, shape).items():

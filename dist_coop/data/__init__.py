@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -12,20 +13,29 @@ from dist_coop.data.memory import MemoryBatches, Split
 
 @dataclass(frozen=True)
 class Data:
-    train: MemoryBatches
+    train: MemoryBatches  # or ShardBatches: the same interface
     val: MemoryBatches
     in_channels: int
     num_classes: int
     classes: tuple[str, ...]
+    input_shape: tuple[int, int, int]  # (C, H, W) of one image as the net sees it
+    calibration: Callable[[int], Iterator[torch.Tensor]]  # n -> un-augmented training images, normalised
 
 
 def build_data(cfg, *, seed: int, device: torch.device | str = "cpu") -> Data:
-    """Train and validation batches for ``cfg`` (a ``DataConfig``)."""
+    """Train and validation batches for ``cfg`` (a ``DataConfig``): in memory, or streamed from shards."""
+    if cfg.shards:
+        return _from_shards(cfg, seed=seed, device=device)
     if cfg.dataset != "fashion_mnist":  # config validation already restricts the names
         raise ValueError(f"data.dataset: unknown dataset {cfg.dataset!r}")
     train = Split(*fashion_mnist.load_split("train", cfg.root)).take(cfg.train_subset)
     val = Split(*fashion_mnist.load_split("test", cfg.root)).take(cfg.val_subset)
     common = dict(mean=fashion_mnist.MEAN, std=fashion_mnist.STD, device=device)
+
+    def calibration(n: int) -> Iterator[torch.Tensor]:
+        calib = MemoryBatches(train.take(n), batch_size=cfg.batch_size, train=False, **common)
+        return (x for x, _ in calib.epoch(0))
+
     return Data(
         train=MemoryBatches(
             train,
@@ -40,4 +50,54 @@ def build_data(cfg, *, seed: int, device: torch.device | str = "cpu") -> Data:
         in_channels=1,
         num_classes=len(fashion_mnist.CLASSES),
         classes=fashion_mnist.CLASSES,
+        input_shape=tuple(train.images.shape[1:]),
+        calibration=calibration,
+    )
+
+
+def _from_shards(cfg, *, seed: int, device) -> Data:
+    from dist_coop.data.shards import read_index
+    from dist_coop.data.stream import ShardBatches
+
+    index = read_index(cfg.shards)
+    splits = index["splits"]
+    val_split = cfg.val_split or ("val" if "val" in splits else "test")
+    root = cfg.shards
+    mean, std = index["mean"], index["std"]
+    channels = len(mean)
+    common = dict(
+        mean=mean, std=std, channels=channels, image_size=cfg.image_size, device=device, on_corrupt=cfg.on_corrupt
+    )
+    train = ShardBatches(
+        root,
+        index,
+        "train",
+        batch_size=cfg.batch_size,
+        train=True,
+        seed=seed,
+        padding=cfg.crop_padding,
+        augment=cfg.augment,
+        workers=cfg.workers,
+        **common,
+    )
+    val = ShardBatches(root, index, val_split, batch_size=cfg.eval_batch_size, train=False, workers=0, **common)
+    first, _ = next(iter(val.epoch(0)))
+
+    def calibration(n: int) -> Iterator[torch.Tensor]:
+        calib = ShardBatches(root, index, "train", batch_size=cfg.batch_size, train=False, workers=0, **common)
+        seen = 0
+        for x, _ in calib.epoch(0, check=False):
+            if seen >= n:
+                return
+            seen += len(x)
+            yield x
+
+    return Data(
+        train=train,
+        val=val,
+        in_channels=channels,
+        num_classes=len(index["classes"]),
+        classes=tuple(index["classes"]),
+        input_shape=tuple(first.shape[1:]),
+        calibration=calibration,
     )

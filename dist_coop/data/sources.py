@@ -1,0 +1,201 @@
+"""Datasets as users have them on disk, read as (key, image bytes, extension, label) samples.
+
+* Tiny ImageNet as distributed: ``wnids.txt``, ``words.txt``, ``train/<wnid>/images/*.JPEG``,
+  ``val/images/*.JPEG`` + ``val/val_annotations.txt``, unlabeled ``test/images`` (label -1).
+* CIFAR-10 / CIFAR-100 python pickle batches as distributed (``data_batch_*``/``test_batch`` +
+  ``batches.meta``; ``train``/``test`` + ``meta`` with fine and coarse labels). Pickles are read here
+  because that is the format; nothing read back from a shard is ever unpickled.
+* Any ``class_name/image`` folder tree (``root/<split>/<class>/...`` or one split ``root/<class>/...``).
+* The bundled Fashion-MNIST.
+
+Images that are arrays (CIFAR, Fashion-MNIST) are encoded as PNG by the writer, in parallel.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample before encoding: a file to read, or an array to encode as PNG."""
+
+    key: str
+    label: int
+    path: str = ""  # an image file (JPEG/PNG) whose bytes go into the shard as they are
+    array: np.ndarray | None = None  # (H, W) or (H, W, C) uint8
+
+
+@dataclass
+class Source:
+    name: str
+    classes: list[str]
+    splits: dict[str, list[Item]] = field(default_factory=dict)
+    class_names: dict[str, str] = field(default_factory=dict)  # e.g. Tiny ImageNet wnid -> words
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {path} is missing")
+    return path
+
+
+def tiny_imagenet(root: str | Path) -> Source:
+    root = Path(root)
+    wnids = [w.strip() for w in _need(root / "wnids.txt", "Tiny ImageNet").read_text().split() if w.strip()]
+    index = {w: i for i, w in enumerate(wnids)}
+    words = {}
+    if (root / "words.txt").is_file():
+        for line in (root / "words.txt").read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            if wnid in index:
+                words[wnid] = text.strip()
+    src = Source("tiny_imagenet", wnids, class_names=words)
+    train = []
+    for wnid in wnids:
+        folder = _need(root / "train" / wnid / "images", "Tiny ImageNet train class")
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() in IMAGE_EXTS:
+                train.append(Item(f"train/{f.stem}", index[wnid], path=str(f)))
+    src.splits["train"] = train
+    ann = _need(root / "val" / "val_annotations.txt", "Tiny ImageNet val annotations")
+    val = []
+    for n, line in enumerate(ann.read_text().splitlines(), start=1):
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        name, wnid = parts[0], parts[1]
+        if wnid not in index:
+            raise ValueError(f"{ann}:{n}: class {wnid!r} is not in wnids.txt")
+        val.append(
+            Item(
+                f"val/{Path(name).stem}",
+                index[wnid],
+                path=str(_need(root / "val" / "images" / name, "Tiny ImageNet val image")),
+            )
+        )
+    src.splits["val"] = val
+    test_dir = root / "test" / "images"
+    if test_dir.is_dir():
+        src.splits["test"] = [
+            Item(f"test/{f.stem}", -1, path=str(f))
+            for f in sorted(test_dir.iterdir())
+            if f.suffix.lower() in IMAGE_EXTS
+        ]
+    return src
+
+
+def _unpickle(path: Path) -> dict:
+    with open(_need(path, "CIFAR batch"), "rb") as f:
+        try:
+            return pickle.load(f, encoding="bytes")
+        except Exception as e:
+            raise ValueError(f"{path} is not a CIFAR python batch: {e}") from e
+
+
+def _get(d: dict, key: str):
+    for k in (key, key.encode()):
+        if k in d:
+            return d[k]
+    raise ValueError(
+        f"CIFAR batch has no {key!r} entry (keys: {[k.decode() if isinstance(k, bytes) else k for k in d]})"
+    )
+
+
+def _cifar_items(batch: dict, label_key: str, prefix: str, path: Path) -> list[Item]:
+    data = np.asarray(_get(batch, "data"), dtype=np.uint8)
+    labels = list(_get(batch, label_key))
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise ValueError(f"{path}: data {data.shape} and {len(labels)} labels are not CIFAR's (N, 3072) + N")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+    names = (
+        [n.decode() if isinstance(n, bytes) else str(n) for n in _get(batch, "filenames")]
+        if any(k in batch for k in ("filenames", b"filenames"))
+        else [str(i) for i in range(len(labels))]
+    )
+    return [
+        Item(f"{prefix}/{Path(n).stem}_{i}", int(lab), array=img)
+        for i, (n, lab, img) in enumerate(zip(names, labels, images))
+    ]
+
+
+def cifar(root: str | Path, *, labels: str = "fine") -> Source:
+    """CIFAR-10 (``data_batch_1..5``, ``test_batch``) or CIFAR-100 (``train``, ``test``; ``labels`` fine|coarse)."""
+    root = Path(root)
+    if (root / "batches.meta").is_file():
+        names = [n.decode() for n in _get(_unpickle(root / "batches.meta"), "label_names")]
+        src = Source("cifar10", names)
+        batches = sorted(root.glob("data_batch_*"))
+        if not batches:
+            raise FileNotFoundError(f"CIFAR-10: no data_batch_* in {root}")
+        src.splits["train"] = [it for b in batches for it in _cifar_items(_unpickle(b), "labels", "train", b)]
+        src.splits["test"] = _cifar_items(_unpickle(root / "test_batch"), "labels", "test", root / "test_batch")
+    elif (root / "meta").is_file():
+        if labels not in ("fine", "coarse"):
+            raise ValueError(f"CIFAR-100 labels must be fine or coarse, got {labels!r}")
+        names = [n.decode() for n in _get(_unpickle(root / "meta"), f"{labels}_label_names")]
+        src = Source(f"cifar100_{labels}", names)
+        for split in ("train", "test"):
+            src.splits[split] = _cifar_items(_unpickle(root / split), f"{labels}_labels", split, root / split)
+    else:
+        raise FileNotFoundError(f"{root} holds neither CIFAR-10 (batches.meta) nor CIFAR-100 (meta) python batches")
+    for split, items in src.splits.items():
+        bad = [it.label for it in items if not 0 <= it.label < len(src.classes)]
+        if bad:
+            raise ValueError(f"CIFAR {split}: label {bad[0]} out of range [0, {len(src.classes)})")
+    return src
+
+
+def image_folder(root: str | Path) -> Source:
+    """``root/<split>/<class>/img`` (splits: the sub-folders holding class folders) or ``root/<class>/img`` (one split 'train')."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} is missing")
+
+    def has_images(d: Path) -> bool:
+        return any(f.suffix.lower() in IMAGE_EXTS for f in d.iterdir() if f.is_file())
+
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    nested = subdirs and all(not has_images(d) and any(c.is_dir() for c in d.iterdir()) for d in subdirs)
+    split_dirs = {d.name: d for d in subdirs} if nested else {"train": root}
+    classes = sorted({c.name for d in split_dirs.values() for c in d.iterdir() if c.is_dir()})
+    if not classes:
+        raise ValueError(f"{root}: no class folders found")
+    index = {c: i for i, c in enumerate(classes)}
+    src = Source("image_folder", classes)
+    for split, d in split_dirs.items():
+        src.splits[split] = [
+            Item(f"{split}/{c.name}/{f.stem}", index[c.name], path=str(f))
+            for c in sorted(x for x in d.iterdir() if x.is_dir())
+            for f in sorted(c.iterdir())
+            if f.suffix.lower() in IMAGE_EXTS
+        ]
+    return src
+
+
+def bundled(root: str | Path = "") -> Source:
+    """The bundled Fashion-MNIST (Debian's dataset-fashion-mnist)."""
+    from dist_coop.data import fashion_mnist
+
+    src = Source("fashion_mnist", list(fashion_mnist.CLASSES))
+    for split, name in (("train", "train"), ("test", "test")):
+        images, labels = fashion_mnist.load_split(split, root)
+        src.splits[name] = [
+            Item(f"{split}/{i:05d}", int(lab), array=img[0].numpy()) for i, (img, lab) in enumerate(zip(images, labels))
+        ]
+    return src
+
+
+SOURCES: dict[str, Callable[..., Source]] = {
+    "tiny_imagenet": tiny_imagenet,
+    "cifar": cifar,
+    "folder": image_folder,
+    "bundled": bundled,
+}
