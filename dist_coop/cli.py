@@ -112,10 +112,19 @@ def write_shards_command(args: argparse.Namespace) -> None:
     from dist_coop.data.shards import write_shards
     from dist_coop.data.sources import SOURCES
 
-    if args.source != "bundled" and not args.root:
-        raise ValueError(f"--root is required for --source {args.source}")
-    kwargs = {"labels": args.cifar_labels} if args.source == "cifar" else {}
-    source = SOURCES[args.source](args.root, **kwargs)
+    if args.video:
+        from dist_coop.data.video import video_folder
+
+        if not args.root:
+            raise ValueError("--video needs --root, a folder of class folders of clips")
+        source = video_folder(args.root, fps=args.fps, size=args.size)
+    else:
+        if not args.source:
+            raise ValueError("give --source (tiny_imagenet, cifar, folder, bundled) or --video")
+        if args.source != "bundled" and not args.root:
+            raise ValueError(f"--root is required for --source {args.source}")
+        kwargs = {"labels": args.cifar_labels} if args.source == "cifar" else {}
+        source = SOURCES[args.source](args.root, **kwargs)
     index = write_shards(
         source, args.out, max_count=args.max_count, max_bytes=args.max_bytes, workers=args.workers, limit=args.limit
     )
@@ -135,7 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_eval.add_argument("checkpoint")
     p_eval.add_argument("--device", default="auto")
     p_shards = sub.add_parser("shards", help="write a dataset as webdataset tar shards + index.json")
-    p_shards.add_argument("--source", required=True, choices=["tiny_imagenet", "cifar", "folder", "bundled"])
+    p_shards.add_argument("--source", default="", choices=["", "tiny_imagenet", "cifar", "folder", "bundled"])
+    p_shards.add_argument(
+        "--video", action="store_true", help="--root holds class folders of video clips: frames become samples (ffmpeg)"
+    )
+    p_shards.add_argument("--fps", type=float, default=1.0, help="video: frames sampled per second")
+    p_shards.add_argument("--size", type=int, default=64, help="video: frames scaled to size x size")
     p_shards.add_argument(
         "--root", default="", help="the dataset folder as distributed (bundled: the IDX folder, default the Debian one)"
     )
@@ -144,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_shards.add_argument("--max-bytes", type=int, default=0, help="image bytes per shard (0 = no limit)")
     p_shards.add_argument("--workers", type=int, default=0, help="encoding processes (0 = one per core)")
     p_shards.add_argument("--cifar-labels", default="fine", choices=["fine", "coarse"], help="CIFAR-100 label set")
-    p_shards.add_argument("--limit", type=int, default=0, help="only the first N samples of each split")
+    p_shards.add_argument(
+        "--limit", type=int, default=0, help="only the first N training samples (evaluation splits are written whole)"
+    )
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "train":

@@ -17,6 +17,11 @@ fi
 "$PY" -m pip install -q --disable-pip-version-check "torch==${DIST_COOP_TORCH:-2.13.0}" -e ".[test]" \
   2> >(grep -v "^WARNING: Location 'file:" >&2)
 
+# ffmpeg (video shards and their tests); installed where we can, otherwise those tests skip
+if ! command -v ffmpeg >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
+fi
+
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

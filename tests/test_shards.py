@@ -105,18 +105,34 @@ def test_stream_every_sample_once_and_same_within_exchange_group(tmp_path, num_s
     assert seen_val == Counter({0: 3, 1: 3, 2: 3})  # validation: every sample exactly once across ranks
 
 
-def test_train_epoch_sees_each_sample_once_across_shards(tmp_path):
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_train_epoch_sees_each_sample_once_across_shards(tmp_path, num_shards):
     root = tmp_path / "folder"
     for c in range(3):
         for i in range(8):
-            _jpeg(root / "train" / f"class{c}" / f"{i}.jpg", size=16, value=c * 80 + i)  # value identifies the sample
-    write_shards(image_folder(root), tmp_path / "s", max_count=2, workers=1, progress=False)
+            _jpeg(
+                root / "train" / f"class{c}" / f"{i}.jpg", size=16, value=c * 80 + i * 8
+            )  # value identifies the sample
+    write_shards(image_folder(root), tmp_path / "s", max_count=2, workers=1, progress=False)  # 12 shards
     pixels = []
-    for k in range(2):
-        stream = _stream(tmp_path / "s", "train", train=True, shard=k, num_shards=2, batch=3, workers=2, augment=False)
+    for k in range(num_shards):
+        stream = _stream(
+            tmp_path / "s", "train", train=True, shard=k, num_shards=num_shards, batch=2, workers=2, augment=False
+        )
         for x, y in stream.epoch(1):
-            pixels += [(round(float(v), 2), int(lab)) for v, lab in zip(x.mean(dim=(1, 2, 3)), y)]
-    assert len(pixels) == 24 and len(set(pixels)) == 24  # each sample once per epoch over 2 ranks x 2 workers
+            pixels += [(round(float(v), 1), int(lab)) for v, lab in zip(x.mean(dim=(1, 2, 3)), y)]
+    # each sample once per epoch over the ranks x 2 workers
+    assert len(pixels) == 24 and len(set(pixels)) == 24
+
+
+def test_stream_resumes_mid_epoch(tmp_path):
+    make_tiny_imagenet(tmp_path / "tin", per_class=8)
+    write_shards(tiny_imagenet(tmp_path / "tin"), tmp_path / "s", max_count=4, workers=1, progress=False)
+    stream = _stream(tmp_path / "s", "train", train=True, batch=2, workers=2)
+    full = list(stream.epoch(2))
+    tail = list(stream.epoch(2, start=5))
+    assert len(tail) == len(full) - 5
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[5:], tail))
 
 
 def _cifar10(root: Path):
@@ -228,4 +244,66 @@ def test_quickstart_from_bundled_shards(tmp_path, fmnist_root):
     assert data.input_shape == (1, 28, 28) and data.num_classes == 10 and len(data.train) == 16
     x, y = next(data.train.epoch(0))
     assert x.shape == (64, 1, 28, 28) and abs(float(x.mean())) < 0.5
-    assert sum(len(y) for _, y in data.val.epoch(0)) == 1024
+    assert sum(len(y) for _, y in data.val.epoch(0)) == 10_000  # the limit cuts the training split only
+
+
+def _clip(path: Path, pattern: str, seconds: int = 2):
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg binary not installed (apt-get install ffmpeg)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            f"{pattern}=size=96x72:rate=10:duration={seconds}",
+            "-pix_fmt",
+            "yuv420p",
+            str(path),
+        ],
+        check=True,
+    )
+
+
+def test_video_clips_become_frame_shards(tmp_path):
+    from dist_coop.cli import main
+
+    _clip(tmp_path / "clips" / "bars" / "a.mp4", "smptebars")
+    _clip(tmp_path / "clips" / "bars" / "b.mp4", "smptebars", seconds=1)
+    _clip(tmp_path / "clips" / "noise" / "c.mkv", "testsrc2")
+    assert (
+        main(
+            [
+                "shards",
+                "--video",
+                "--root",
+                str(tmp_path / "clips"),
+                "--out",
+                str(tmp_path / "s"),
+                "--fps",
+                "2",
+                "--size",
+                "32",
+                "--max-count",
+                "3",
+            ]
+        )
+        == 0
+    )
+    index = read_index(tmp_path / "s")
+    assert index["classes"] == ["bars", "noise"] and index["splits"]["train"]["count"] == 4 + 2 + 4  # 2 frames/s
+    x, y = next(_stream(tmp_path / "s", "train", train=False, batch=10).epoch(0))
+    assert x.shape == (10, 3, 32, 32) and y.tolist() == [0] * 6 + [1] * 4
+    bars, noise = x[:6].float(), x[6:].float()
+    assert bars.std() > 0.3 and not torch.allclose(bars.mean(0), noise.mean(0), atol=0.1)  # real, different frames
+    (tmp_path / "clips" / "noise" / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="ffmpeg cannot decode .*broken.mp4"):
+        from dist_coop.data.video import video_folder
+
+        video_folder(tmp_path / "clips")

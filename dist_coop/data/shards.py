@@ -101,7 +101,7 @@ def write_shards(
     limit: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write every split of ``source`` (or ``splits``; the first ``limit`` samples of each) and the index."""
+    """Write every split of ``source`` (or ``splits``) and the index; ``limit`` keeps the first N training samples."""
     if max_count <= 0 and max_bytes <= 0:
         raise ValueError("set a shard size: max_count (samples) or max_bytes > 0")
     out_dir = Path(out_dir)
@@ -117,7 +117,7 @@ def write_shards(
     for split in list(splits or source.splits):
         if split not in source.splits:
             raise ValueError(f"split {split!r} not in {source.name} (has {list(source.splits)})")
-        items = source.splits[split][: limit or None]
+        items = source.splits[split][: limit or None] if split == "train" else source.splits[split]
         shards = write_split(
             items, out_dir, split, max_count=max_count, max_bytes=max_bytes, workers=workers, progress=progress
         )
