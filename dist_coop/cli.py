@@ -15,7 +15,7 @@ from dist_coop.config import Config, config_from_dict, load_config, replace
 from dist_coop.data import build_data
 from dist_coop.dist.env import DistInfo, close_distributed, init_distributed, single_process
 from dist_coop.evaluate import results_table
-from dist_coop.infer.cost import depth_costs
+from dist_coop.infer.cost import cost_metrics
 from dist_coop.track import build_tracker
 from dist_coop.trainer import TRAINER_STATE, Trainer, latest_checkpoint, prepare_run_dir
 
@@ -78,33 +78,32 @@ def _check_data_matches_model(cfg: Config, data) -> None:
         )
 
 
-def evaluate_checkpoint(folder: str | Path, device: str = "auto") -> str:
-    """Evaluate every net of a checkpoint folder at every depth on its config's validation data; returns the table."""
-    folder = Path(folder)
-    if not (folder / TRAINER_STATE).is_file() and latest_checkpoint(folder):
-        folder = latest_checkpoint(folder)  # a run directory: its latest checkpoint
+def load_trainer(path: str | Path, device: str = "auto") -> tuple[Trainer, Path]:
+    """A one-process Trainer holding the nets of a checkpoint folder (or a run directory's latest)."""
+    folder = Path(path)
+    if not (folder / TRAINER_STATE).is_file():
+        latest = latest_checkpoint(folder)
+        if latest is None:
+            raise FileNotFoundError(f"{folder} is neither a checkpoint folder nor a run directory with checkpoints")
+        folder = latest
     cfg = config_from_dict(load_checkpoint(folder / TRAINER_STATE)["config"])
     if cfg.dist.engine != "torch":
-        raise ValueError(
-            "dist-coop eval reads checkpoints of the torch engine; DeepSpeed ones need the same world size"
-        )
+        raise ValueError("this command reads checkpoints of the torch engine; DeepSpeed ones need the same world size")
     cfg = replace(cfg, dist={"placement": "colocated"}, tracking={"backend": "none"})
     info = single_process(device)
     data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
     trainer = Trainer(cfg, data, run_dir=folder.parent.parent, dist=info)
     trainer.resume(folder)
+    return trainer, folder
+
+
+def evaluate_checkpoint(folder: str | Path, device: str = "auto") -> str:
+    """Evaluate every net of a checkpoint folder at every depth on its config's validation data; returns the table."""
+    trainer, _ = load_trainer(folder, device)
     metrics = trainer.evaluate()
-    shape = data.input_shape
     costs = {}
     for spec in trainer.task.specs:
-        for s, c in depth_costs(trainer.nets[spec.name], shape).items():
-            costs.update(
-                {
-                    f"cost/gflops/{spec.metric(s)}": c.gflops,
-                    f"cost/params/{spec.metric(s)}": float(c.params),
-                    f"cost/blocks/{spec.metric(s)}": float(c.blocks),
-                }
-            )
+        costs.update(cost_metrics(spec.metric, trainer.nets[spec.name], trainer.data.input_shape))
     return results_table(trainer.task.specs, metrics, costs)
 
 
@@ -161,10 +160,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_shards.add_argument(
         "--limit", type=int, default=0, help="only the first N training samples (evaluation splits are written whole)"
     )
+    from dist_coop.infer import commands as infer_commands
+
+    infer_commands.add_parsers(sub)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "train":
             run_training(load_config(args.config, rest))
+        elif args.command in infer_commands.COMMANDS:
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            infer_commands.COMMANDS[args.command](args)
         elif args.command == "shards":
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")

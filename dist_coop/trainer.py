@@ -27,7 +27,7 @@ from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine
 from dist_coop.dist.env import DistInfo
 from dist_coop.dist.placement import check_engine_support, plan_placement
 from dist_coop.evaluate import evaluate_sums, results_table, selected_depths, sums_to_metrics
-from dist_coop.infer.cost import depth_costs
+from dist_coop.infer.cost import cost_metrics
 from dist_coop.models.adaptive import recalibrate_bn
 from dist_coop.models.registry import build_from_config
 from dist_coop.track import NullTracker, Tracker
@@ -241,10 +241,7 @@ class Trainer:
         shape = self.data.input_shape
         local_costs: dict[str, float] = {}
         for spec in self.local_specs:
-            for s, c in depth_costs(self.engines[spec.name].module, shape).items():
-                local_costs[f"cost/gflops/{spec.metric(s)}"] = c.gflops
-                local_costs[f"cost/params/{spec.metric(s)}"] = float(c.params)
-                local_costs[f"cost/blocks/{spec.metric(s)}"] = float(c.blocks)
+            local_costs.update(cost_metrics(spec.metric, self.engines[spec.name].module, shape))
         rate = self.train_samples / self.train_seconds if self.train_seconds else 0.0
         costs = gather_to_main(self.dist, {**local_costs, f"throughput/samples_per_s/rank{self.dist.rank}": rate})
         results = {"step": self.step, "metrics": metrics, "costs": costs, "placement": self.placement.kind}

@@ -59,3 +59,14 @@ def depth_costs(net: AdaptiveNet, input_shape: Sequence[int]) -> dict[float, Dep
     finally:
         net.train(was_training)
     return costs
+
+
+def cost_metrics(metric_name, net: AdaptiveNet, input_shape: Sequence[int]) -> dict[str, float]:
+    """``cost/{gflops,params,blocks}/<net>@<s>`` for every depth; ``metric_name(s)`` names a depth."""
+    out = {}
+    for s, c in depth_costs(net, input_shape).items():
+        m = metric_name(s)
+        out.update(
+            {f"cost/gflops/{m}": c.gflops, f"cost/params/{m}": float(c.params), f"cost/blocks/{m}": float(c.blocks)}
+        )
+    return out

@@ -1,0 +1,166 @@
+"""``dist-coop profile | export | stream``: deploy a trained net."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from dist_coop.infer.budget import choose_depth
+from dist_coop.infer.controller import AdaptiveRunner, DepthController
+from dist_coop.infer.export import FORMATS, export
+from dist_coop.infer.profile import Profile, profile_net
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="per-depth FLOPs, params, latency and accuracy of a trained net; budget -> depth"
+    )
+    p.add_argument("run", help="a run directory or checkpoint folder")
+    p.add_argument("--net", default="teammate_a")
+    p.add_argument("--batch", type=int, default=64, help="the second batch size timed (batch 1 always is)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-gflops", type=float)
+    p.add_argument("--max-latency-ms", type=float)
+    p.add_argument("--max-params", type=int)
+    p.add_argument("--budget-batch", type=int, default=1, help="batch size the latency budget refers to")
+    e = sub.add_parser("export", help="a static sub-net at one depth: state_dict, torchscript or onnx")
+    e.add_argument("run")
+    e.add_argument("--net", default="teammate_a")
+    e.add_argument("--depth", type=float, required=True)
+    e.add_argument("--format", choices=FORMATS, default="torchscript")
+    e.add_argument("--out", required=True)
+    s = sub.add_parser("stream", help="classify a video's frames, the controller holding a latency target")
+    s.add_argument("video")
+    s.add_argument("--run", required=True, help="a run directory or checkpoint folder")
+    s.add_argument("--net", default="teammate_a")
+    s.add_argument("--target-ms", type=float, required=True)
+    s.add_argument("--fps", type=float, default=0.0, help="resample the clip to this rate (0 = its own)")
+    s.add_argument("--no-pace", action="store_true", help="process frames as fast as possible, not at the clip's rate")
+    s.add_argument("--plot", default="", help="write latency and depth over time to this PNG")
+    s.add_argument("--quiet", action="store_true", help="only the summary")
+    s.add_argument("--device", default="cpu")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: batch-1 calls gain little from more, and suffer most under load)",
+    )
+
+
+def _net(trainer, name: str):
+    if name not in trainer.nets:
+        raise ValueError(f"--net {name!r}: this checkpoint holds {sorted(trainer.nets)}")
+    return trainer.nets[name]
+
+
+def _accuracy(folder: Path, metric_prefix: str) -> dict[float, float]:
+    results = folder.parent.parent / "results.json"
+    if not results.is_file():
+        return {}
+    metrics = json.loads(results.read_text())["metrics"]
+    prefix = f"val/acc1/{metric_prefix}@"
+    return {float(k[len(prefix) :]): v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def profile_command(args: argparse.Namespace) -> Profile:
+    from dist_coop.cli import load_trainer
+
+    trainer, folder = load_trainer(args.run, args.device)
+    net = _net(trainer, args.net)
+    profile = profile_net(
+        net,
+        trainer.data.input_shape,
+        batch_sizes=sorted({1, args.batch}),
+        accuracy=_accuracy(folder, args.net),
+        repeats=args.repeats,
+    )
+    path = profile.save(folder.parent.parent / f"profile_{args.net}.json")
+    print(profile.table())
+    print(f"profile written to {path}")
+    if args.max_gflops is not None or args.max_latency_ms is not None or args.max_params is not None:
+        d = choose_depth(
+            profile,
+            max_gflops=args.max_gflops,
+            max_latency_ms=args.max_latency_ms,
+            max_params=args.max_params,
+            batch_size=args.budget_batch,
+        )
+        print(
+            f"budget -> depth {d.s} ({d.blocks} blocks, {d.gflops:.4f} GFLOPs, {d.latency_ms.get(args.budget_batch, float('nan')):.3f} ms, top-1 {d.accuracy})"
+        )
+    _log_to_mlflow(trainer, folder, profile, args.net, path)
+    return profile
+
+
+def _log_to_mlflow(trainer, folder: Path, profile: Profile, net: str, path: Path) -> None:
+    """Add the profile to the run's MLflow run when it was tracked."""
+    from dist_coop.checkpoint import load_checkpoint
+    from dist_coop.config import config_from_dict
+
+    state = load_checkpoint(folder / "trainer.pt")
+    cfg = config_from_dict(state["config"])
+    if cfg.tracking.backend != "mlflow" or not state.get("mlflow_run_id"):
+        return
+    from dist_coop.track.mlflow_tracker import MlflowTracker, default_uri
+
+    tracker = MlflowTracker(
+        cfg.tracking.uri or default_uri(cfg.train.out_dir), cfg.tracking.experiment, "", state["mlflow_run_id"]
+    )
+    metrics = {f"profile/latency_ms_b{b}/{net}@{d.s}": ms for d in profile.depths for b, ms in d.latency_ms.items()}
+    tracker.log_metrics(trainer.step, metrics)
+    tracker.log_artifact(path)
+    tracker.close()
+
+
+def export_command(args: argparse.Namespace) -> Path:
+    from dist_coop.cli import load_trainer
+
+    trainer, _ = load_trainer(args.run, "cpu")
+    path = export(_net(trainer, args.net), args.depth, args.out, args.format, trainer.data.input_shape)
+    print(f"depth {args.depth} of {args.net} written as {args.format} to {path}")
+    return path
+
+
+def stream_command(args: argparse.Namespace) -> str:
+    from dist_coop.cli import load_trainer
+    from dist_coop.infer.stream import clip_fps, plot_stream, run_stream, summarize, video_frames
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer, _ = load_trainer(args.run, args.device)
+    net = _net(trainer, args.net)
+    c, h, w = trainer.data.input_shape
+    fps = args.fps or clip_fps(args.video)
+    x = torch.zeros(1, c, h, w, device=trainer.device)
+    from dist_coop.infer.profile import measure_latency
+
+    net.eval()
+    base = {}
+    for s in net.scaling_factors:
+        with net.at_depth(s):
+            base[s] = measure_latency(net, x, repeats=20, warmup=3)
+    runner = AdaptiveRunner(net, DepthController(base, args.target_ms))
+    mean, std = trainer.data.train.mean, trainer.data.train.std
+    results = run_stream(
+        runner,
+        video_frames(args.video, channels=c, height=h, width=w, fps=args.fps or None),
+        mean=mean,
+        std=std,
+        classes=trainer.data.classes,
+        fps=fps,
+        pace=not args.no_pace,
+        device=trainer.device,
+        printer=None if args.quiet else print,
+    )
+    summary = summarize(results, args.target_ms)
+    print(summary)
+    if args.plot:
+        print(f"plot: {plot_stream(results, args.target_ms, args.plot)}")
+    return summary
+
+
+COMMANDS = {"profile": profile_command, "export": export_command, "stream": stream_command}

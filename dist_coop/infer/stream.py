@@ -1,0 +1,137 @@
+"""``dist-coop stream``: classify the frames of a video with the depth controller holding a latency target.
+
+Frames are decoded and scaled by ffmpeg (through ``ffmpeg-python``) into raw pixels on a pipe,
+paced at the clip's frame rate (as a camera would deliver them) unless ``pace`` is off, normalised
+like the training data and classified one at a time by an ``AdaptiveRunner``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_coop.data.augment import normalize
+from dist_coop.infer.controller import AdaptiveRunner
+
+
+def video_frames(
+    path: str | Path, *, channels: int, height: int, width: int, fps: float | None = None
+) -> Iterator[np.ndarray]:
+    """uint8 (H, W, C) frames of a video file, decoded and scaled by ffmpeg, streamed from a pipe."""
+    import ffmpeg
+
+    if shutil.which("ffmpeg") is None:
+        raise FileNotFoundError("the ffmpeg binary is not installed (Debian/Ubuntu: apt-get install ffmpeg)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    stream = ffmpeg.input(str(path))
+    if fps:
+        stream = stream.filter("fps", fps=fps)
+    stream = stream.filter("scale", width, height).output(
+        "pipe:", format="rawvideo", pix_fmt="gray" if channels == 1 else "rgb24"
+    )
+    proc = stream.run_async(pipe_stdout=True, pipe_stderr=True)
+    size = height * width * channels
+    try:
+        while True:
+            buf = proc.stdout.read(size)
+            if len(buf) < size:
+                break
+            yield np.frombuffer(buf, np.uint8).reshape(height, width, channels)
+    finally:
+        proc.stdout.close()
+        err = proc.stderr.read().decode(errors="replace")
+        if proc.wait() not in (0, None) and not err.strip().endswith("Broken pipe"):
+            raise ValueError(f"ffmpeg cannot decode {path}: {err.strip().splitlines()[-1:] if err else ''}")
+
+
+def clip_fps(path: str | Path) -> float:
+    import ffmpeg
+
+    info = next(s for s in ffmpeg.probe(str(path))["streams"] if s["codec_type"] == "video")
+    num, den = info["avg_frame_rate"].split("/")
+    return float(num) / float(den) if float(den) else 25.0
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    index: int
+    time_s: float
+    depth: float
+    latency_ms: float
+    label: int
+    confidence: float
+
+
+def run_stream(
+    runner: AdaptiveRunner,
+    frames: Iterator[np.ndarray],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    classes: Sequence[str],
+    fps: float,
+    pace: bool = True,
+    device: torch.device | str = "cpu",
+    printer=print,
+) -> list[FrameResult]:
+    results = []
+    start = time.perf_counter()
+    for i, frame in enumerate(frames):
+        if pace:  # deliver frames at the clip's rate, as a camera would
+            delay = start + i / fps - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        x = normalize(torch.from_numpy(frame.copy()).permute(2, 0, 1)[None].to(device), mean, std)  # (1, C, H, W)
+        step = runner(x)
+        prob = step.logits.float().softmax(-1)[0]
+        label = int(prob.argmax())
+        r = FrameResult(i, time.perf_counter() - start, step.depth, step.latency_ms, label, float(prob[label]))
+        results.append(r)
+        if printer:
+            printer(
+                f"frame {i:5d}  t {r.time_s:6.2f}s  depth {r.depth:<5g} {r.latency_ms:7.2f} ms  {classes[label]} ({r.confidence:.2f})"
+            )
+    return results
+
+
+def summarize(results: Sequence[FrameResult], target_ms: float) -> str:
+    if not results:
+        return "no frames"
+    met = sum(r.latency_ms <= target_ms for r in results)
+    depths = Counter(r.depth for r in results)
+    mean_depth = sum(r.depth for r in results) / len(results)
+    lat = sorted(r.latency_ms for r in results)
+    return (
+        f"{len(results)} frames, target {target_ms:g} ms: {100 * met / len(results):.1f} % met; mean depth {mean_depth:.3f}; "
+        f"latency median {lat[len(lat) // 2]:.2f} ms, p95 {lat[int(0.95 * (len(lat) - 1))]:.2f} ms; "
+        f"frames per depth {dict(sorted(depths.items()))}"
+    )
+
+
+def plot_stream(results: Sequence[FrameResult], target_ms: float, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r.time_s for r in results]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, dpi=110)
+    a.plot(t, [r.latency_ms for r in results], lw=0.8, label="latency")
+    a.axhline(target_ms, color="red", ls="--", label="target")
+    a.set_ylabel("ms per frame")
+    a.legend()
+    b.step(t, [r.depth for r in results], where="post")
+    b.set_ylabel("depth s")
+    b.set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
