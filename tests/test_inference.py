@@ -105,12 +105,10 @@ def test_runner_switches_depth_without_rebuilding():
 
 def test_profile_export_stream_commands_on_a_trained_run(tmp_path, fmnist_root, capsys):
     """The CLI on a real (tiny) trained run: profile + budget, export, and stream a clip made with ffmpeg."""
-    import shutil
-    import subprocess
-
     from dist_coop.cli import main, run_training
     from dist_coop.config import load_config
     from tests.dist_helpers import TINY
+    from tests.media import make_clip
 
     run_training(load_config(None, [*TINY, f"--train.out_dir={tmp_path}", "--train.run_name=r", "--train.max_steps=3"]))
     run = str(tmp_path / "r")
@@ -125,24 +123,7 @@ def test_profile_export_stream_commands_on_a_trained_run(tmp_path, fmnist_root, 
     assert "no depth fits the budget" in capsys.readouterr().err
     assert main(["export", run, "--depth", "0.25", "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
     assert torch.jit.load(str(tmp_path / "m.ts"))(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg binary not installed")
-    clip = tmp_path / "clip.mp4"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=64x48:rate=10:duration=2",
-            "-pix_fmt",
-            "yuv420p",
-            str(clip),
-        ],
-        check=True,
-    )
+    clip = make_clip(tmp_path / "clip.mp4", size="64x48")
     assert (
         main(["stream", str(clip), "--run", run, "--target-ms", "1000", "--no-pace", "--plot", str(tmp_path / "s.png")])
         == 0

@@ -16,6 +16,7 @@ from dist_coop.data import build_data
 from dist_coop.data.shards import read_index, write_shards
 from dist_coop.data.sources import bundled, cifar, image_folder, tiny_imagenet
 from dist_coop.data.stream import ShardBatches
+from tests.media import make_clip
 
 RNG = np.random.default_rng(0)
 
@@ -247,36 +248,12 @@ def test_quickstart_from_bundled_shards(tmp_path, fmnist_root):
     assert sum(len(y) for _, y in data.val.epoch(0)) == 10_000  # the limit cuts the training split only
 
 
-def _clip(path: Path, pattern: str, seconds: int = 2):
-    import shutil
-    import subprocess
-
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg binary not installed (apt-get install ffmpeg)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            f"{pattern}=size=96x72:rate=10:duration={seconds}",
-            "-pix_fmt",
-            "yuv420p",
-            str(path),
-        ],
-        check=True,
-    )
-
-
 def test_video_clips_become_frame_shards(tmp_path):
     from dist_coop.cli import main
 
-    _clip(tmp_path / "clips" / "bars" / "a.mp4", "smptebars")
-    _clip(tmp_path / "clips" / "bars" / "b.mp4", "smptebars", seconds=1)
-    _clip(tmp_path / "clips" / "noise" / "c.mkv", "testsrc2")
+    make_clip(tmp_path / "clips" / "bars" / "a.mp4", "smptebars")
+    make_clip(tmp_path / "clips" / "bars" / "b.mp4", "smptebars", seconds=1)
+    make_clip(tmp_path / "clips" / "noise" / "c.mkv", "testsrc2")
     assert (
         main(
             [

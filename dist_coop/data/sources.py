@@ -153,30 +153,39 @@ def cifar(root: str | Path, *, labels: str = "fine") -> Source:
     return src
 
 
-def image_folder(root: str | Path) -> Source:
-    """``root/<split>/<class>/img`` (splits: the sub-folders holding class folders) or ``root/<class>/img`` (one split 'train')."""
+def class_tree(root: str | Path, exts: set[str], what: str) -> tuple[list[str], dict[str, list[tuple[int, Path]]]]:
+    """Classes and ``{split: [(class index, file)]}`` of ``root/<split>/<class>/file`` or ``root/<class>/file``.
+
+    The nested layout is recognised when every sub-folder holds only class folders; otherwise the
+    sub-folders are the classes of one split, 'train'. Files are those whose suffix is in ``exts``.
+    """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} is missing")
+        raise FileNotFoundError(f"{what} folder {root} is missing")
 
-    def has_images(d: Path) -> bool:
-        return any(f.suffix.lower() in IMAGE_EXTS for f in d.iterdir() if f.is_file())
+    def files(d: Path) -> list[Path]:
+        return sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in exts)
 
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-    nested = subdirs and all(not has_images(d) and any(c.is_dir() for c in d.iterdir()) for d in subdirs)
+    nested = subdirs and all(not files(d) and any(c.is_dir() for c in d.iterdir()) for d in subdirs)
     split_dirs = {d.name: d for d in subdirs} if nested else {"train": root}
     classes = sorted({c.name for d in split_dirs.values() for c in d.iterdir() if c.is_dir()})
     if not classes:
-        raise ValueError(f"{root}: no class folders found")
+        raise ValueError(f"{root}: no class folders of {what} files found")
     index = {c: i for i, c in enumerate(classes)}
+    splits = {
+        split: [(index[c.name], f) for c in sorted(x for x in d.iterdir() if x.is_dir()) for f in files(c)]
+        for split, d in split_dirs.items()
+    }
+    return classes, splits
+
+
+def image_folder(root: str | Path) -> Source:
+    """``root/<split>/<class>/img`` or ``root/<class>/img`` (one split 'train')."""
+    classes, splits = class_tree(root, IMAGE_EXTS, "image")
     src = Source("image_folder", classes)
-    for split, d in split_dirs.items():
-        src.splits[split] = [
-            Item(f"{split}/{c.name}/{f.stem}", index[c.name], path=str(f))
-            for c in sorted(x for x in d.iterdir() if x.is_dir())
-            for f in sorted(c.iterdir())
-            if f.suffix.lower() in IMAGE_EXTS
-        ]
+    for split, files in splits.items():
+        src.splits[split] = [Item(f"{split}/{f.parent.name}/{f.stem}", label, path=str(f)) for label, f in files]
     return src
 
 

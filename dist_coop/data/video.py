@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_coop.data.sources import Item, Source
+from dist_coop.data.sources import Item, Source, class_tree
 
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
 
@@ -44,26 +44,12 @@ def decode_frames(path: str | Path, *, fps: float, size: int) -> np.ndarray:
 
 def video_folder(root: str | Path, *, fps: float = 1.0, size: int = 64) -> Source:
     """``root/<split>/<class>/clip`` or ``root/<class>/clip`` (split 'train') -> frame samples."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"video folder {root} is missing")
-
-    def clips(d: Path) -> list[Path]:
-        return sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTS)
-
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-    nested = subdirs and all(not clips(d) and any(c.is_dir() for c in d.iterdir()) for d in subdirs)
-    split_dirs = {d.name: d for d in subdirs} if nested else {"train": root}
-    classes = sorted({c.name for d in split_dirs.values() for c in d.iterdir() if c.is_dir()})
-    if not classes:
-        raise ValueError(f"{root}: no class folders of clips found")
-    index = {c: i for i, c in enumerate(classes)}
+    classes, splits = class_tree(root, VIDEO_EXTS, "video")
     src = Source("video_folder", classes)
-    for split, d in split_dirs.items():
-        items = []
-        for c in sorted(x for x in d.iterdir() if x.is_dir()):
-            for clip in clips(c):
-                for t, frame in enumerate(decode_frames(clip, fps=fps, size=size)):
-                    items.append(Item(f"{split}/{c.name}/{clip.stem}/{t:05d}", index[c.name], array=frame))
-        src.splits[split] = items
+    for split, clips in splits.items():
+        src.splits[split] = [
+            Item(f"{split}/{clip.parent.name}/{clip.stem}/{t:05d}", label, array=frame)
+            for label, clip in clips
+            for t, frame in enumerate(decode_frames(clip, fps=fps, size=size))
+        ]
     return src
