@@ -120,8 +120,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One optimizer step of every local net on the batch; returns the loss terms and per-net totals."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, logs: bool = True) -> dict[str, float]:
+        """One optimizer step of every local net on the batch; returns the loss terms and per-net totals.
+
+        ``logs=False`` returns {} and skips the ``.item()`` calls (a device sync per term on GPUs).
+        """
         for engine in self.engines.values():
             engine.module.train()
         with self.autocast():
@@ -135,6 +138,8 @@ class Trainer:
         for engine in self.engines.values():
             engine.step()
         self.step += 1
+        if not logs:
+            return {}
         out = {f"train/{k}": v.item() for k, v in terms.items()}
         out.update({f"train/loss/{k}": v.item() for k, v in totals.items()})
         return out
@@ -152,13 +157,14 @@ class Trainer:
             bar = tqdm(total=steps_left, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
             tick, seen = time.perf_counter(), 0
             for x, y in self.train_data.epoch(epoch, start):
+                log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
                 t0 = time.perf_counter()
-                logs = self.train_step(x, y)
+                logs = self.train_step(x, y, logs=log_now)
                 self.train_seconds += time.perf_counter() - t0
                 self.train_samples += len(y)
                 seen += len(y)
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                if log_now:
                     logs[f"train/samples_per_s/rank{self.dist.rank}"] = seen / (time.perf_counter() - tick)
                     logs["train/lr"] = next(iter(self.engines.values())).lr()
                     logs[f"data/corrupt_skipped/rank{self.dist.rank}"] = float(getattr(self.train_data, "skipped", 0))
