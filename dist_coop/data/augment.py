@@ -38,3 +38,15 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The permutation of epoch ``epoch``: the same on every rank for a given seed."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def augment_step(x: Tensor, padding: int, *, seed: int, epoch: int, step: int, shard: int) -> Tensor:
+    """Crop + flip of batch ``step`` of ``epoch`` on data shard ``shard``, seeded by all four, so every
+    rank reading that shard (an exchange group) and a resumed run draw the same augmentation."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + shard)
+    return random_crop_flip(x, padding, g)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dist_coop.data.augment import normalize, random_crop_flip
+from dist_coop.data.augment import augment_step, epoch_order, normalize
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class MemoryBatches:
         """Batches ``start, start + 1, ...`` of ``epoch`` as (x float (B, C, H, W), y int64 (B,))."""
         n, b = len(self.split), self.batch_size
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            order = epoch_order(n, self.seed, epoch)
             offset, stride = self.shard * b, b * self.num_shards
         else:
             rows = self._eval_range()
@@ -108,8 +108,5 @@ class MemoryBatches:
             y = self.split.labels[idx].to(self.device, non_blocking=True)
             x = normalize(x, self.mean, self.std)
             if self.train and self.augment:
-                g = torch.Generator().manual_seed(
-                    ((self.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + self.shard
-                )
-                x = random_crop_flip(x, self.padding, g)
+                x = augment_step(x, self.padding, seed=self.seed, epoch=epoch, step=step, shard=self.shard)
             yield x, y

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dist_coop.data.augment import normalize, random_crop_flip
+from dist_coop.data.augment import augment_step, epoch_order, normalize
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 
@@ -203,9 +203,7 @@ class ShardBatches:
     def _my_shards(self, epoch: int) -> list[dict]:
         order = list(range(len(self.shards)))
         if self.train:
-            order = torch.randperm(
-                len(order), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            ).tolist()
+            order = epoch_order(len(order), self.seed, epoch).tolist()
         return [self.shards[i] for i in order][self.shard :: self.num_shards]
 
     def __len__(self) -> int:
@@ -241,10 +239,7 @@ class ShardBatches:
             x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
             y = y.to(self.device, non_blocking=True)
             if self.train and self.augment:
-                g = torch.Generator().manual_seed(
-                    ((self.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + self.shard
-                )
-                x = random_crop_flip(x, self.padding, g)
+                x = augment_step(x, self.padding, seed=self.seed, epoch=epoch, step=step, shard=self.shard)
             yield x, y
         if check and not self.train and start == 0 and seen + self.skipped != sum(s["count"] for s in mine):
             raise ValueError(
