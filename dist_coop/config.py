@@ -76,6 +76,9 @@ class CoopConfig:
     beta: float = 1.0  # guided: weight of KD from the Leader
     gamma: float = 1.0  # SFSL exponent; 0 = uniform weights
     leader_kd: float = 0.0  # Leader's KD from the Teammates' mean (off by default)
+    kd_warmup: float = 0.0  # fraction of training over which every KD weight ramps linearly from 0 to its value
+    gate_reg: float = 0.0  # weight of sum_b (g_b - 1)^2 over the learned gates (0 = off)
+    sub_guided: bool = False  # sub-nets also distil from the Leader (beta * KD(z_X^s, z_L))
 
     def __post_init__(self) -> None:
         _choice("coop", "task", self.task, TASKS)
@@ -90,8 +93,10 @@ class CoopConfig:
             raise ValueError(f"coop.scaling_factors has duplicates: {list(self.scaling_factors)}")
         _choice("coop", "teammates", self.teammates, (1, 2))
         _positive("coop", "temperature", self.temperature)
-        for name in ("alpha", "beta", "gamma", "leader_kd"):
+        for name in ("alpha", "beta", "gamma", "leader_kd", "gate_reg"):
             _positive("coop", name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.kd_warmup <= 1.0:
+            raise ValueError(f"coop.kd_warmup is a fraction of training in [0, 1], got {self.kd_warmup}")
         if self.beta > 0 and not self.leader:
             raise ValueError("coop.beta > 0 needs coop.leader: true (or set coop.beta: 0)")
         if self.leader_kd > 0 and not self.leader:
@@ -143,12 +148,14 @@ class OptimConfig:
     warmup_steps: int = 0
     label_smoothing: float = 0.0
     grad_clip: float = 2.0  # max global grad norm per net; 0 = off (mutual KD at lr 0.1 diverged without it)
+    clip_scale: str = "none"  # none: grad_clip is the max norm | terms: grad_clip * the net's number of loss terms
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 
     def __post_init__(self) -> None:
         _choice("optim", "name", self.name, ("sgd", "adamw"))
         _choice("optim", "schedule", self.schedule, ("cosine", "step", "constant"))
         _choice("optim", "amp", self.amp, ("none", "bf16", "fp16", "auto"))
+        _choice("optim", "clip_scale", self.clip_scale, ("none", "terms"))
         _positive("optim", "lr", self.lr)
         for name in ("momentum", "weight_decay", "warmup_steps", "grad_clip", "step_gamma"):
             _positive("optim", name, getattr(self, name), allow_zero=True)

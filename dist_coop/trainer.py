@@ -23,12 +23,12 @@ from dist_coop.config import Config, save_config
 from dist_coop.coop.task import build_task, net_of
 from dist_coop.data import Data
 from dist_coop.dist.comm import LogitExchange, all_reduce_sum, barrier, build_groups, gather_to_main
-from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine
+from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine, clip_threshold
 from dist_coop.dist.env import DistInfo
 from dist_coop.dist.placement import check_engine_support, plan_placement
 from dist_coop.evaluate import evaluate_sums, results_table, selected_depths, sums_to_metrics
 from dist_coop.infer.cost import cost_metrics
-from dist_coop.models.adaptive import recalibrate_bn
+from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.models.registry import build_from_config
 from dist_coop.track import NullTracker, Tracker
 from dist_coop.track.plots import plot_accuracy_vs_flops
@@ -97,6 +97,8 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed * 1000 + index)  # same init whatever the placement
         net = build_from_config(self.cfg.model, self.cfg.coop.scaling_factors, leader=spec.leader).to(self.device)
         group = self.groups.net.get(spec.name)
+        optim = self.cfg.optim
+        max_norm = clip_threshold(optim.grad_clip, optim.clip_scale, self.task.num_terms(spec.name))
         if self.cfg.dist.engine == "deepspeed":
             return DeepSpeedEngine(
                 net,
@@ -105,9 +107,10 @@ class Trainer:
                 group=group,
                 singleton=self.groups.singleton,
                 micro_batch=self.train_data.batch_size,
+                max_norm=max_norm,
             )
         fp16 = resolve_amp(self.cfg.optim.amp, self.device) == torch.float16
-        return TorchEngine(net, self.cfg.optim, self.total_steps, group=group, fp16=fp16)
+        return TorchEngine(net, optim, self.total_steps, group=group, fp16=fp16, max_norm=max_norm)
 
     @property
     def nets(self) -> dict[str, torch.nn.Module]:
@@ -127,6 +130,7 @@ class Trainer:
         """
         for engine in self.engines.values():
             engine.module.train()
+        self.task.set_progress(self.step, self.total_steps)
         with self.autocast():
             terms = self.task.local_terms(self.engines, x, y, self.exchange)
         totals: dict[str, torch.Tensor] = {}
@@ -142,6 +146,9 @@ class Trainer:
             return {}
         out = {f"train/{k}": v.item() for k, v in terms.items()}
         out.update({f"train/loss/{k}": v.item() for k, v in totals.items()})
+        for name, engine in self.engines.items():  # is one role clipped and another not?
+            out.update({f"train/{key}/{name}": value for key, value in engine.grad_stats().items()})
+        out["train/kd_scale"] = getattr(self.task, "kd_scale", 0.0)
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -205,6 +212,8 @@ class Trainer:
                 sums = all_reduce_sum(sums, self.groups.net.get(spec.name), self.device)
                 for key, value in sums_to_metrics(sums).items():
                     local[f"val/{key}/{spec.metric(s)}"] = value
+            # do the gates of blocks only deep sub-nets run collapse toward 0?
+            local.update({f"val/gate/{spec.name}/{k}": v for k, v in gate_stats(engine.module).items()})
         return gather_to_main(self.dist, local)
 
     def summary(self, metrics: dict[str, float]) -> str:
@@ -250,7 +259,13 @@ class Trainer:
             local_costs.update(cost_metrics(spec.metric, self.engines[spec.name].module, shape))
         rate = self.train_samples / self.train_seconds if self.train_seconds else 0.0
         costs = gather_to_main(self.dist, {**local_costs, f"throughput/samples_per_s/rank{self.dist.rank}": rate})
-        results = {"step": self.step, "metrics": metrics, "costs": costs, "placement": self.placement.kind}
+        results = {
+            "step": self.step,
+            "metrics": metrics,
+            "costs": costs,
+            "placement": self.placement.kind,
+            "train_seconds": self.train_seconds,
+        }
         if self.dist.is_main:
             self.log(
                 f"training throughput: {rate:.0f} samples/s on rank 0 ({self.placement.kind}, {self.dist.world_size} process(es))"

@@ -1,4 +1,5 @@
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -58,6 +59,17 @@ class FixedNet:
 
     def set_depth(self, s):
         self.depth = s
+
+    @contextmanager
+    def at_depth(self, s):
+        previous, self.depth = self.depth, s
+        try:
+            yield self
+        finally:
+            self.depth = previous
+
+    def stage_gates(self):
+        return []
 
     def __call__(self, x):
         self.calls.append(self.depth)

@@ -40,3 +40,28 @@ def sfsl_weights(scaling_factors: Sequence[float], gamma: float) -> dict[float, 
     raw = {s: s ** (-gamma) for s in subs}
     mean = sum(raw.values()) / len(raw)
     return {s: v / mean for s, v in raw.items()}
+
+
+def kd_ramp(step: int, total_steps: int, warmup: float) -> float:
+    """Multiplier of every distillation weight (alpha, beta, self-KD) at optimizer step ``step``.
+
+    ramp(t) = min(1, t / (warmup * total_steps)): 0 at the first step, rising linearly to 1 when
+    a fraction ``warmup`` of training is done, 1 after. ``warmup = 0`` is no ramp (always 1).
+    At step 0 every teacher is a random net; copying it is noise with the weight of a label.
+    """
+    if not 0.0 <= warmup <= 1.0:
+        raise ValueError(f"kd warm-up must be a fraction of training in [0, 1], got {warmup}")
+    if warmup == 0.0 or total_steps <= 0:
+        return 1.0
+    return min(1.0, step / (warmup * total_steps))
+
+
+def gate_penalty(gates: Sequence[Tensor]) -> Tensor:
+    """R(g) = sum_b (g_b - 1)^2 over the learned block gates: pulls each gate back toward 1 (identity scale).
+
+    Without it, gates of blocks that only deep sub-nets run can shrink to ~0 (the full net then
+    computes what the shallowest sub-net computes).
+    """
+    if not gates:
+        raise ValueError("gate_penalty needs at least one gate (model.gate: learned)")
+    return sum(((g.float() - 1.0) ** 2).sum() for g in gates)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dist_coop.coop.losses import cross_entropy, kd_loss, sfsl_weights
+from dist_coop.coop.losses import cross_entropy, gate_penalty, kd_loss, kd_ramp, sfsl_weights
 from dist_coop.models.adaptive import AdaptiveNet
 
 LEADER, TEAMMATE_A, TEAMMATE_B = "leader", "teammate_a", "teammate_b"
@@ -51,11 +51,16 @@ class CooperativeTask:
         self.factors = tuple(sorted(coop.scaling_factors))
         self.sub_factors = tuple(s for s in self.factors if s < 1.0) if coop.sub_nets else ()
         self.weights = sfsl_weights(self.sub_factors, coop.gamma)
+        self.kd_scale = 1.0  # the distillation ramp at the current step (set_progress)
         teammates = (TEAMMATE_A, TEAMMATE_B)[: coop.teammates]
         trained = (*self.sub_factors, 1.0)
         self.specs = ([NetSpec(LEADER, True, self.factors)] if coop.leader else []) + [
             NetSpec(name, False, self.factors, trained_depths=trained) for name in teammates
         ]
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called by the loop before each step: distillation weights ramp in over ``coop.kd_warmup``."""
+        self.kd_scale = kd_ramp(step, total_steps, self.cfg.kd_warmup)
 
     def peer(self, name: str) -> str | None:
         if self.cfg.teammates < 2:
@@ -63,41 +68,59 @@ class CooperativeTask:
         return {TEAMMATE_A: TEAMMATE_B, TEAMMATE_B: TEAMMATE_A}.get(name)
 
     def full_forward(self, net: AdaptiveNet, x: Tensor) -> Tensor:
-        net.set_depth(1.0)
-        return net(x)
+        with net.at_depth(1.0):
+            return net(x)
 
     def net_terms(
         self, name: str, net: AdaptiveNet, z: Tensor, x: Tensor, y: Tensor, soft: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         """Loss terms of net ``name``; ``z`` its full-depth logits, ``soft`` every net's detached full logits.
 
-        Leader:            CE(z_L, y) + leader_kd * KD(z_L, mean(z_A, z_B))
-        Teammate X, s=1:   CE(z_X, y) + alpha * KD(z_X, z_Y) + beta * KD(z_X, z_L)
-        Teammate X, s<1:   w(s) * [CE(z_X^s, y) + KD(z_X^s, z_X) + alpha * KD(z_X^s, z_Y)]
+        With r the distillation ramp (``kd_ramp``, 1 after ``coop.kd_warmup``):
+        Leader:            CE(z_L, y) + r * leader_kd * KD(z_L, mean(z_A, z_B))
+        Teammate X, s=1:   CE(z_X, y) + r * alpha * KD(z_X, z_Y) + r * beta * KD(z_X, z_L)
+        Teammate X, s<1:   w(s) * [CE(z_X^s, y) + r * KD(z_X^s, z_X) + r * alpha * KD(z_X^s, z_Y)
+                                   (+ r * beta * KD(z_X^s, z_L) with coop.sub_guided)]
+        Every net with learned gates (coop.gate_reg > 0): + gate_reg * sum_b (g_b - 1)^2.
         """
-        c, t = self.cfg, self.cfg.temperature
+        c, t, r = self.cfg, self.cfg.temperature, self.kd_scale
         terms = {term_name(name, "ce", 1.0): cross_entropy(z, y, self.label_smoothing)}
+        if c.gate_reg > 0:
+            gates = [g for stage in net.stage_gates() for g in stage]
+            if gates:
+                terms[term_name(name, "gate_reg", 1.0)] = c.gate_reg * gate_penalty(gates)
         if name == LEADER:
             teammates = [soft[n] for n in (TEAMMATE_A, TEAMMATE_B) if n in soft]
             if c.leader_kd > 0 and teammates:
-                terms[term_name(name, "kd_team", 1.0)] = c.leader_kd * kd_loss(z, torch.stack(teammates).mean(0), t)
+                terms[term_name(name, "kd_team", 1.0)] = r * c.leader_kd * kd_loss(z, torch.stack(teammates).mean(0), t)
             return terms
         peer = self.peer(name)
         if peer is not None and c.alpha > 0:
-            terms[term_name(name, "kd_peer", 1.0)] = c.alpha * kd_loss(z, soft[peer], t)
+            terms[term_name(name, "kd_peer", 1.0)] = r * c.alpha * kd_loss(z, soft[peer], t)
         if c.leader and c.beta > 0:
-            terms[term_name(name, "kd_leader", 1.0)] = c.beta * kd_loss(z, soft[LEADER], t)
+            terms[term_name(name, "kd_leader", 1.0)] = r * c.beta * kd_loss(z, soft[LEADER], t)
         for s in self.sub_factors:
             w = self.weights[s]
-            net.set_depth(s)
-            zs = net(x)  # the only forward of this sub-net this step
+            with net.at_depth(s):
+                zs = net(x)  # the only forward of this sub-net this step
             terms[term_name(name, "ce", s)] = w * cross_entropy(zs, y, self.label_smoothing)
             if c.self_kd:
-                terms[term_name(name, "kd_self", s)] = w * kd_loss(zs, soft[name], t)
+                terms[term_name(name, "kd_self", s)] = w * r * kd_loss(zs, soft[name], t)
             if peer is not None and c.alpha > 0:
-                terms[term_name(name, "kd_peer", s)] = w * c.alpha * kd_loss(zs, soft[peer], t)
-        net.set_depth(1.0)
+                terms[term_name(name, "kd_peer", s)] = w * r * c.alpha * kd_loss(zs, soft[peer], t)
+            if c.sub_guided and c.leader and c.beta > 0:
+                terms[term_name(name, "kd_leader", s)] = w * r * c.beta * kd_loss(zs, soft[LEADER], t)
         return terms
+
+    def num_terms(self, name: str) -> int:
+        """How many loss terms net ``name`` sums (scales its clipping threshold with ``optim.clip_scale: terms``)."""
+        c = self.cfg
+        if name == LEADER:
+            return 1 + int(c.leader_kd > 0 and c.teammates > 0)
+        peer = int(self.peer(name) is not None and c.alpha > 0)
+        guided = int(c.leader and c.beta > 0)
+        per_sub = 1 + int(c.self_kd) + peer + int(c.sub_guided and guided)
+        return 1 + peer + guided + per_sub * len(self.sub_factors)
 
     def local_terms(
         self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange
@@ -128,6 +151,12 @@ class IndependentTask:
             NetSpec(f"independent_{s}", False, (s,), s, "independent", (s,)) for s in sorted(coop.scaling_factors)
         ]
 
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Nothing is distilled: no schedule."""
+
+    def num_terms(self, name: str) -> int:
+        return 1
+
     def local_terms(
         self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange
     ) -> dict[str, Tensor]:
@@ -140,8 +169,9 @@ class IndependentTask:
             if spec.name not in nets:
                 continue
             net = nets[spec.name]
-            net.set_depth(spec.train_depth)
-            terms[term_name(spec.name, "ce", spec.train_depth)] = cross_entropy(net(x), y, self.label_smoothing)
+            with net.at_depth(spec.train_depth):
+                logits = net(x)
+            terms[term_name(spec.name, "ce", spec.train_depth)] = cross_entropy(logits, y, self.label_smoothing)
         return terms
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,44 @@ from dist_coop.optim import build_optimizer, build_scheduler
 ENGINES = ("torch", "deepspeed")
 
 
-class TorchEngine:
-    def __init__(self, net: AdaptiveNet, optim_cfg, total_steps: int, *, group: Any = None, fp16: bool = False) -> None:
+class _NetAccess:
+    """What the task needs of an engine besides the forward: depth scopes and the gates."""
+
+    module: AdaptiveNet
+
+    def at_depth(self, s: float) -> AbstractContextManager[AdaptiveNet]:
+        return self.module.at_depth(s)
+
+    def stage_gates(self) -> list[list[torch.nn.Parameter]]:
+        return self.module.stage_gates()
+
+
+def clip_threshold(grad_clip: float, clip_scale: str, num_terms: int) -> float:
+    """Max gradient norm of a net: ``grad_clip``, times its number of loss terms with ``clip_scale: terms``.
+
+    A Teammate sums ~12 terms, the Leader 1: one absolute threshold throttles the Teammates on
+    every step while it rarely touches the Leader. Scaled, it is the same safety net for every role.
+    """
+    if grad_clip <= 0:
+        return 0.0
+    return grad_clip * (num_terms if clip_scale == "terms" else 1)
+
+
+class TorchEngine(_NetAccess):
+    def __init__(
+        self,
+        net: AdaptiveNet,
+        optim_cfg,
+        total_steps: int,
+        *,
+        group: Any = None,
+        fp16: bool = False,
+        max_norm: float | None = None,
+    ) -> None:
         self.module = net
         self.optim_cfg = optim_cfg
+        self.max_norm = optim_cfg.grad_clip if max_norm is None else max_norm
+        self.grad_norm: Tensor | None = None  # of the last step, before clipping (read only when logging)
         self.optimizer = build_optimizer(net, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, total_steps, optim_cfg)
         self.scaler = torch.amp.GradScaler(enabled=fp16)
@@ -58,9 +93,9 @@ class TorchEngine:
 
     def step(self) -> None:
         self._average_gradients()
-        if self.optim_cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip)
+        self.scaler.unscale_(self.optimizer)
+        # the norm is measured on every step (logged as train/grad_norm); clipping only with a threshold
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_norm or float("inf"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -68,6 +103,12 @@ class TorchEngine:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def grad_stats(self) -> dict[str, float]:
+        """Gradient norm of the last step and the factor clipping scaled it by (1 = untouched). Syncs."""
+        if self.grad_norm is None:
+            return {}
+        return grad_stats(self.grad_norm.item(), self.max_norm)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -137,6 +178,12 @@ class GroupMPU:
         return dist.get_rank()
 
 
+def grad_stats(norm: float, max_norm: float) -> dict[str, float]:
+    """``{"grad_norm": n, "clip_coef": min(1, max_norm / n)}`` (clip_coef 1 when clipping is off)."""
+    coef = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+    return {"grad_norm": norm, "clip_coef": coef}
+
+
 def deepspeed_config(cfg, *, micro_batch: int, dp_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config, generated from our YAML in this one place.
 
@@ -163,14 +210,26 @@ def deepspeed_config(cfg, *, micro_batch: int, dp_size: int) -> dict[str, Any]:
     return ds
 
 
-class DeepSpeedEngine:
-    def __init__(self, net: AdaptiveNet, cfg, total_steps: int, *, group: Any, singleton: Any, micro_batch: int) -> None:
+class DeepSpeedEngine(_NetAccess):
+    def __init__(
+        self,
+        net: AdaptiveNet,
+        cfg,
+        total_steps: int,
+        *,
+        group: Any,
+        singleton: Any,
+        micro_batch: int,
+        max_norm: float | None = None,
+    ) -> None:
         import deepspeed
 
         optimizer = build_optimizer(net, cfg.optim)
         scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
         dp_size = dist.get_world_size(group)
+        self.max_norm = cfg.optim.grad_clip if max_norm is None else max_norm
         self.config = deepspeed_config(cfg, micro_batch=micro_batch, dp_size=dp_size)
+        self.config["gradient_clipping"] = self.max_norm
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=net, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
             mpu=GroupMPU(group, singleton), dist_init_required=False,
@@ -192,6 +251,13 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def grad_stats(self) -> dict[str, float]:
+        """Gradient norm of the last step (DeepSpeed's global norm) and the clip factor."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return {}
+        return grad_stats(float(norm), self.max_norm)
 
     def save(self, folder: Path, name: str) -> None:
         self.engine.save_checkpoint(str(folder), tag=name, save_latest=False)

@@ -121,8 +121,27 @@ class AdaptiveNet(nn.Module):
         finally:
             self.set_depth(previous)
 
+    def stage_gates(self) -> list[list[nn.Parameter]]:
+        """The learned gates g of each stage's skippable blocks (empty lists with ``gate: none``)."""
+        return [
+            [m.gate for m in stage.modules() if isinstance(m, DepthBatchNorm2d) and m.gate is not None]
+            for stage in self.stages
+        ]
+
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
         return self.backbone(x)
+
+
+@torch.no_grad()
+def gate_stats(net: AdaptiveNet) -> dict[str, float]:
+    """``{"stage1/min": ..., "stage1/mean": ...}`` of the learned gates: a collapse toward 0 shows here."""
+    out: dict[str, float] = {}
+    for i, gates in enumerate(net.stage_gates(), start=1):
+        if gates:
+            values = torch.cat([g.detach().float().reshape(-1) for g in gates])
+            out[f"stage{i}/min"] = values.min().item()
+            out[f"stage{i}/mean"] = values.mean().item()
+    return out
 
 
 @torch.no_grad()

@@ -1,0 +1,129 @@
+"""The recipe mechanisms: distillation ramp, gate regulariser, clipping per role, and what the trainer logs of them."""
+
+import math
+
+import pytest
+import torch
+
+from dist_coop.config import CoopConfig, load_config
+from dist_coop.coop import CooperativeTask
+from dist_coop.coop.losses import gate_penalty, kd_ramp
+from dist_coop.data import build_data
+from dist_coop.dist.engine import clip_threshold, grad_stats
+from dist_coop.models import build_model
+from dist_coop.models.adaptive import gate_stats
+from dist_coop.trainer import Trainer
+from tests.test_trainer import tiny
+
+
+def test_kd_ramp_values():
+    # warm-up over 30 % of 100 steps: linear from 0 at step 0 to 1 at step 30, then 1
+    assert kd_ramp(0, 100, 0.3) == 0.0
+    assert kd_ramp(15, 100, 0.3) == pytest.approx(0.5)
+    assert kd_ramp(29, 100, 0.3) == pytest.approx(29 / 30)
+    assert kd_ramp(30, 100, 0.3) == 1.0
+    assert kd_ramp(99, 100, 0.3) == 1.0
+    assert kd_ramp(0, 100, 0.0) == 1.0  # no warm-up: full weight from the start
+    with pytest.raises(ValueError, match="fraction of training"):
+        kd_ramp(0, 100, 1.5)
+    with pytest.raises(ValueError, match="coop.kd_warmup"):
+        CoopConfig(kd_warmup=-0.1)
+
+
+def test_gate_penalty_by_hand():
+    gates = [torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([2.0])]
+    assert gate_penalty(gates).item() == pytest.approx(0.25 + 0.0 + 1.0)
+    g = torch.tensor([0.2], requires_grad=True)
+    gate_penalty([g]).backward()
+    assert g.grad.item() == pytest.approx(2 * (0.2 - 1.0))  # d/dg (g - 1)^2
+    with pytest.raises(ValueError, match="at least one gate"):
+        gate_penalty([])
+
+
+def test_gate_stats_per_stage():
+    net = build_model("resnet20", [0.5, 1.0], width=4, in_channels=1)
+    with torch.no_grad():
+        net.stages[2][1].bn2.gate.fill_(0.1)
+        net.stages[2][2].bn2.gate.fill_(0.7)
+    stats = gate_stats(net)
+    assert stats["stage1/min"] == 1.0 and stats["stage1/mean"] == 1.0
+    assert stats["stage3/min"] == pytest.approx(0.1) and stats["stage3/mean"] == pytest.approx(0.4)
+    assert gate_stats(build_model("resnet20", [1.0], width=4, gate="none")) == {}
+
+
+def test_clip_threshold_scales_with_terms_and_grad_stats():
+    assert clip_threshold(2.0, "none", 12) == 2.0
+    assert clip_threshold(2.0, "terms", 12) == 24.0
+    assert clip_threshold(0.0, "terms", 12) == 0.0  # off stays off
+    assert grad_stats(10.0, 5.0)["clip_coef"] == pytest.approx(0.5, rel=1e-6)
+    assert grad_stats(1.0, 5.0) == {"grad_norm": 1.0, "clip_coef": 1.0}
+    assert grad_stats(10.0, 0.0)["clip_coef"] == 1.0
+
+
+class _Net:
+    """Two-class stand-in net with fixed logits at every depth and one learnable gate."""
+
+    def __init__(self, logits):
+        self.logits, self.gate = logits, torch.nn.Parameter(torch.tensor([0.5]))
+
+    def at_depth(self, s):
+        import contextlib
+
+        return contextlib.nullcontext(self)
+
+    def stage_gates(self):
+        return [[self.gate]]
+
+    def __call__(self, x):
+        return self.logits
+
+
+def test_ramp_scales_every_kd_term_and_num_terms_counts_them():
+    z = {n: torch.tensor([[0.0, v]]) for n, v in (("leader", 1.0), ("teammate_a", 0.0), ("teammate_b", -1.0))}
+    nets = {n: _Net(v) for n, v in z.items()}
+    cfg = CoopConfig(scaling_factors=(0.5, 1.0), temperature=1.0, kd_warmup=0.5, gate_reg=0.1, sub_guided=True)
+    task = CooperativeTask(cfg)
+    task.set_progress(0, 10)
+    first = task(nets, None, torch.tensor([0]))
+    task.set_progress(2, 10)  # 2 / (0.5 * 10) = 0.4
+    mid = task(nets, None, torch.tensor([0]))
+    task.set_progress(7, 10)
+    late = task(nets, None, torch.tensor([0]))
+    for key in late:
+        if "/kd_" in key:
+            assert first[key].item() == 0.0
+            assert mid[key].item() == pytest.approx(0.4 * late[key].item(), rel=1e-6)
+        else:  # CE and the gate regulariser are not ramped
+            assert first[key].item() == pytest.approx(late[key].item())
+    assert late["teammate_a/gate_reg@1.0"].item() == pytest.approx(0.1 * (0.5 - 1.0) ** 2)
+    assert "teammate_a/kd_leader@0.5" in late  # sub_guided: sub-nets distil from the Leader too
+    for name in ("leader", "teammate_a", "teammate_b"):
+        own = [k for k in late if k.startswith(f"{name}/") and "gate_reg" not in k]
+        assert task.num_terms(name) == len(own), name
+
+
+def test_trainer_logs_clip_coef_grad_norm_and_gates(tmp_path, fmnist_root, recorder):
+    cfg = tiny(tmp_path, "--optim.grad_clip=0.5", "--optim.clip_scale=terms", "--coop.kd_warmup=0.5")
+    data = build_data(cfg.data, seed=0)
+    trainer = Trainer(cfg, data, run_dir=tmp_path, tracker=recorder)
+    x, y = next(data.train.epoch(0))
+    logs = trainer.train_step(x, y)
+    for name in ("leader", "teammate_a", "teammate_b"):
+        norm, coef = logs[f"train/grad_norm/{name}"], logs[f"train/clip_coef/{name}"]
+        threshold = 0.5 * trainer.task.num_terms(name)
+        assert math.isfinite(norm) and norm > 0
+        assert coef == pytest.approx(min(1.0, threshold / norm), rel=1e-4)
+    assert trainer.task.num_terms("teammate_a") > trainer.task.num_terms("leader") == 1
+    assert logs["train/kd_scale"] == 0.0  # step 0 of the ramp
+    metrics = trainer.evaluate("trained")
+    for name in ("leader", "teammate_a", "teammate_b"):
+        for stage in (1, 2, 3):
+            assert 0.0 < metrics[f"val/gate/{name}/stage{stage}/min"] <= metrics[f"val/gate/{name}/stage{stage}/mean"]
+
+
+def test_clip_threshold_reaches_the_engines(tmp_path):
+    cfg = load_config(None, ["--optim.grad_clip=2", "--optim.clip_scale=terms"])
+    task = CooperativeTask(cfg.coop)
+    # default objective: Teammate = CE + kd_peer + kd_leader at s=1, (CE + kd_self + kd_peer) per sub-net
+    assert task.num_terms("teammate_a") == 3 + 3 * 3
+    assert clip_threshold(cfg.optim.grad_clip, cfg.optim.clip_scale, task.num_terms("leader")) == 2.0
