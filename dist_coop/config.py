@@ -42,6 +42,7 @@ class ModelConfig:
     keep: str = "prefix"  # prefix | spread
     gate: str = "learned"  # learned | none
     bn: str = "shared"  # shared (per-depth statistics) | private (switchable BN)
+    zero_init: bool = False  # skippable blocks start as the identity (last BN of the branch zeroed)
     leader_name: str = ""  # "" = same backbone as the Teammates
     leader_width: int = 0  # 0 = same width as the Teammates
 
@@ -67,7 +68,7 @@ class CoopConfig:
 
     task: str = "cooperative"  # cooperative | independent (one separate net per depth)
     scaling_factors: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
-    temperature: float = 4.0
+    temperature: float = 1.0  # T = 4 cost 3-7 points in every measured setting (docs/RESULTS.md)
     teammates: int = 2  # 1 = self-learning only, 2 = interactive learning
     leader: bool = True  # guided learning
     sub_nets: bool = True  # False = train the full net only (truncate at inference)
@@ -76,9 +77,10 @@ class CoopConfig:
     beta: float = 1.0  # guided: weight of KD from the Leader
     gamma: float = 1.0  # SFSL exponent; 0 = uniform weights
     leader_kd: float = 0.0  # Leader's KD from the Teammates' mean (off by default)
-    kd_warmup: float = 0.0  # fraction of training over which every KD weight ramps linearly from 0 to its value
+    kd_warmup: float = 0.3  # fraction of training over which every KD weight ramps linearly from 0 to its value
     gate_reg: float = 0.0  # weight of sum_b (g_b - 1)^2 over the learned gates (0 = off)
     sub_guided: bool = False  # sub-nets also distil from the Leader (beta * KD(z_X^s, z_L))
+    sub_ce: bool = True  # sub-nets learn from the labels too; False = in-place distillation (KD only)
 
     def __post_init__(self) -> None:
         _choice("coop", "task", self.task, TASKS)
@@ -99,6 +101,8 @@ class CoopConfig:
             raise ValueError(f"coop.kd_warmup is a fraction of training in [0, 1], got {self.kd_warmup}")
         if self.beta > 0 and not self.leader:
             raise ValueError("coop.beta > 0 needs coop.leader: true (or set coop.beta: 0)")
+        if not self.sub_ce and not (self.self_kd or (self.teammates == 2 and self.alpha > 0)):
+            raise ValueError("coop.sub_ce: false leaves the sub-nets no teacher; needs coop.self_kd or alpha > 0")
         if self.leader_kd > 0 and not self.leader:
             raise ValueError("coop.leader_kd > 0 needs coop.leader: true")
 
@@ -147,8 +151,8 @@ class OptimConfig:
     step_gamma: float = 0.1
     warmup_steps: int = 0
     label_smoothing: float = 0.0
-    grad_clip: float = 2.0  # max global grad norm per net; 0 = off (mutual KD at lr 0.1 diverged without it)
-    clip_scale: str = "none"  # none: grad_clip is the max norm | terms: grad_clip * the net's number of loss terms
+    grad_clip: float = 5.0  # max global grad norm per net (per loss term with clip_scale: terms); 0 = off
+    clip_scale: str = "terms"  # terms: grad_clip * the net's number of loss terms (same safety net per role) | none
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 
     def __post_init__(self) -> None:

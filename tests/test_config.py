@@ -69,12 +69,3 @@ def test_config_is_frozen():
     with pytest.raises(AttributeError):
         cfg.coop.alpha = 3.0  # type: ignore[misc]
     assert cfg.flat()["coop.alpha"] == 1.0
-
-
-def test_all_shipped_configs_load():
-    from pathlib import Path
-
-    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
-    assert paths
-    for path in paths:
-        load_config(path)

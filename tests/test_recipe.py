@@ -127,3 +127,26 @@ def test_clip_threshold_reaches_the_engines(tmp_path):
     # default objective: Teammate = CE + kd_peer + kd_leader at s=1, (CE + kd_self + kd_peer) per sub-net
     assert task.num_terms("teammate_a") == 3 + 3 * 3
     assert clip_threshold(cfg.optim.grad_clip, cfg.optim.clip_scale, task.num_terms("leader")) == 2.0
+
+
+def _outputs(net, x):
+    out = {}
+    with torch.no_grad():
+        for s in net.scaling_factors:
+            with net.at_depth(s):
+                out[s] = net(x)
+    return out
+
+
+def test_zero_init_blocks_start_as_identity():
+    """model.zero_init: every skippable block's branch starts at 0, so every depth computes the same function."""
+    x = torch.randn(2, 1, 16, 16)
+    torch.manual_seed(0)
+    net = build_model("resnet20", [0.25, 1.0], width=4, in_channels=1, zero_init=True).eval()
+    out = _outputs(net, x)
+    assert torch.allclose(out[0.25], out[1.0])
+    assert net.stages[0][1].bn2.weight.abs().sum() == 0  # skippable: zeroed
+    assert net.stages[0][0].bn2.weight.abs().sum() > 0  # block 0 always runs: left as is
+    torch.manual_seed(0)
+    out = _outputs(build_model("resnet20", [0.25, 1.0], width=4, in_channels=1).eval(), x)
+    assert not torch.allclose(out[0.25], out[1.0])

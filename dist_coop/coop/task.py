@@ -79,7 +79,8 @@ class CooperativeTask:
         With r the distillation ramp (``kd_ramp``, 1 after ``coop.kd_warmup``):
         Leader:            CE(z_L, y) + r * leader_kd * KD(z_L, mean(z_A, z_B))
         Teammate X, s=1:   CE(z_X, y) + r * alpha * KD(z_X, z_Y) + r * beta * KD(z_X, z_L)
-        Teammate X, s<1:   w(s) * [CE(z_X^s, y) + r * KD(z_X^s, z_X) + r * alpha * KD(z_X^s, z_Y)
+        Teammate X, s<1:   w(s) * [CE(z_X^s, y) (unless coop.sub_ce: false, in-place distillation)
+                                   + r * KD(z_X^s, z_X) + r * alpha * KD(z_X^s, z_Y)
                                    (+ r * beta * KD(z_X^s, z_L) with coop.sub_guided)]
         Every net with learned gates (coop.gate_reg > 0): + gate_reg * sum_b (g_b - 1)^2.
         """
@@ -103,7 +104,8 @@ class CooperativeTask:
             w = self.weights[s]
             with net.at_depth(s):
                 zs = net(x)  # the only forward of this sub-net this step
-            terms[term_name(name, "ce", s)] = w * cross_entropy(zs, y, self.label_smoothing)
+            if c.sub_ce:
+                terms[term_name(name, "ce", s)] = w * cross_entropy(zs, y, self.label_smoothing)
             if c.self_kd:
                 terms[term_name(name, "kd_self", s)] = w * r * kd_loss(zs, soft[name], t)
             if peer is not None and c.alpha > 0:
@@ -119,7 +121,7 @@ class CooperativeTask:
             return 1 + int(c.leader_kd > 0 and c.teammates > 0)
         peer = int(self.peer(name) is not None and c.alpha > 0)
         guided = int(c.leader and c.beta > 0)
-        per_sub = 1 + int(c.self_kd) + peer + int(c.sub_guided and guided)
+        per_sub = int(c.sub_ce) + int(c.self_kd) + peer + int(c.sub_guided and guided)
         return 1 + peer + guided + per_sub * len(self.sub_factors)
 
     def local_terms(

@@ -41,9 +41,10 @@ class DepthStage(nn.Sequential):
         return x
 
 
-def _last_branch_bn(block: nn.Module) -> nn.BatchNorm2d:
-    """The last BatchNorm of a block's residual branch (not of its shortcut)."""
-    bns = [m for name, m in block.named_modules() if isinstance(m, nn.BatchNorm2d) and "downsample" not in name]
+def _last_branch_bn(block: nn.Module) -> nn.Module:
+    """The last BatchNorm (plain or per-depth) of a block's residual branch (not of its shortcut)."""
+    kinds = (nn.BatchNorm2d, DepthBatchNorm2d)
+    bns = [m for name, m in block.named_modules() if isinstance(m, kinds) and "downsample" not in name]
     if not bns:
         raise ValueError(f"block {type(block).__name__} has no BatchNorm2d on its residual branch")
     return bns[-1]
@@ -61,6 +62,7 @@ class AdaptiveNet(nn.Module):
         keep: str = "prefix",
         gate: str = "learned",
         bn: str = "shared",
+        zero_init: bool = False,
     ) -> None:
         super().__init__()
         if gate not in GATE_MODES:
@@ -82,6 +84,11 @@ class AdaptiveNet(nn.Module):
         self.masks: dict[float, Mask] = depth_masks(self.stage_sizes, self.scaling_factors, keep)
         convert_batchnorm(backbone, len(self.scaling_factors), mode=bn, gated=gated)
         self._norms = [m for m in self.modules() if isinstance(m, DepthBatchNorm2d)]
+        if zero_init:  # every skippable block starts as the identity and grows in (Goyal et al. 2017)
+            with torch.no_grad():
+                for stage in self.stages:
+                    for block in list(stage)[1:]:
+                        _last_branch_bn(block).weight.zero_()
         self._depth = 1.0
         self.set_depth(1.0)
 

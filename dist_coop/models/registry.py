@@ -77,10 +77,13 @@ def build_model(
     keep: str = "prefix",
     gate: str = "learned",
     bn: str = "shared",
+    zero_init: bool = False,
 ) -> AdaptiveNet:
     """A depth-adaptive net of registered backbone ``name``."""
     backbone, stages = build_backbone(name, width=width, in_channels=in_channels, num_classes=num_classes)
-    return AdaptiveNet(backbone, stage_names=stages, scaling_factors=scaling_factors, keep=keep, gate=gate, bn=bn)
+    return AdaptiveNet(
+        backbone, stage_names=stages, scaling_factors=scaling_factors, keep=keep, gate=gate, bn=bn, zero_init=zero_init
+    )
 
 
 def build_from_config(cfg: ModelConfig, scaling_factors: Sequence[float], *, leader: bool = False) -> AdaptiveNet:
@@ -95,4 +98,5 @@ def build_from_config(cfg: ModelConfig, scaling_factors: Sequence[float], *, lea
         keep=cfg.keep,
         gate=cfg.gate,
         bn=cfg.bn,
+        zero_init=cfg.zero_init,
     )

@@ -1,0 +1,309 @@
+"""The ablation sweep (benchmarks/ablation.py): spec, run list, per-run JSON, aggregation, targets, report."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_coop.config import parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ablation"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+ab = _load()
+DEPTHS = ("0.25", "0.5", "0.75", "1.0")
+
+
+def _spec_data(**changes):
+    data = {
+        "command": "python benchmarks/ablation.py run --spec s.yaml",
+        "schedule": {"train.epochs": 6, "data.train_subset": 8000},
+        "seeds": [0, 1, 2],
+        "rungs": {"ctf": "configs/ablation/6_full_ctf.yaml", "independent": "configs/ablation/1_independent.yaml"},
+        "variants": [
+            {"name": "ctf_T4", "config": "configs/ablation/6_full_ctf.yaml", "overrides": {"coop.temperature": 4.0},
+             "seeds": [0], "note": "T=4"},
+        ],
+    }  # fmt: skip
+    data.update(changes)
+    return data
+
+
+def _results(net_accs, train_seconds=12.5):
+    """A results.json dict: ``net_accs[net] = [top-1 at each of DEPTHS]``."""
+    metrics, costs = {}, {}
+    for net, accs in net_accs.items():
+        for d, acc in zip(DEPTHS, accs):
+            metrics[f"val/acc1/{net}@{d}"] = acc
+            metrics[f"val/loss/{net}@{d}"] = 1.0
+            costs[f"cost/gflops/{net}@{d}"] = 0.01 * float(d)
+    out = {"step": 10, "metrics": metrics, "costs": costs, "placement": "colocated"}
+    if train_seconds is not None:
+        out["train_seconds"] = train_seconds
+    return out
+
+
+def _records(spec, accs_by_job):
+    """Per-run JSON records for ``accs_by_job[(name, seed)] = [top-1 per depth]``."""
+    jobs = {(j.name, j.seed): j for j in ab.build_jobs(spec)}
+    out = []
+    for (name, seed), accs in accs_by_job.items():
+        net = "independent" if name == "independent" else "teammate_a"
+        out.append(ab.run_record(jobs[name, seed], _results({net: accs}), ["--x.y=1"], 60.0))
+    return out
+
+
+# ------------------------------------------------------------------ spec
+
+
+def test_spec_rows_in_ladder_order_and_variant_seeds():
+    spec = ab.parse_spec(_spec_data())
+    assert [r.name for r in spec.rows] == ["independent", "ctf", "ctf_T4"]
+    assert spec.row("ctf").seeds == (0, 1, 2) and spec.row("ctf").rung == "ctf"
+    assert spec.row("ctf_T4").seeds == (0,) and spec.row("ctf_T4").rung is None
+    data = _spec_data()
+    del data["variants"][0]["seeds"]
+    assert ab.parse_spec(data).row("ctf_T4").seeds == (0, 1, 2)
+
+
+def test_set_overrides_schedule():
+    spec = ab.parse_spec(_spec_data(), ab.parse_sets(["train.epochs=1", "train.max_steps=2"]))
+    assert spec.schedule == {"train.epochs": 1, "data.train_subset": 8000, "train.max_steps": 2}
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"seed": [0]}, "unknown spec key 'seed'; did you mean 'seeds'"),
+        ({"rungs": {"ctff": "a.yaml"}}, "unknown rung 'ctff'; did you mean 'ctf'"),
+        ({"rungs": {}}, "rungs must be a non-empty mapping"),
+        ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"seeds": [0, 0]}, "seeds has a seed twice"),
+        ({"command": ""}, "command must be"),
+        ({"schedule": {"epochs": 3}}, "schedule: keys look like section.key"),
+        ({"rungs": {"ctf": 3}}, "rungs.ctf must be the path of a YAML config"),
+        ({"variants": [{"name": "v", "config": "a.yaml", "seed": [0]}]}, r"variants\[0\]: unknown key 'seed'"),
+        ({"variants": [{"name": "v"}]}, "variants.v.config is missing"),
+        ({"variants": [{"name": "ctf", "config": "a.yaml"}]}, "variants.ctf: the name is already used"),
+        ({"variants": [{"name": "a b", "config": "a.yaml"}]}, r"variants\[0\].name must be"),
+        ({"variants": [{"name": "v", "config": "a.yaml", "overrides": {"coop.t": {"x": 1}}}]}, "scalar or a list"),
+    ],
+)
+def test_spec_errors_name_the_field(changes, match):
+    with pytest.raises(ValueError, match=match):
+        ab.parse_spec(_spec_data(**changes))
+
+
+def test_load_spec_checks_config_files(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps(_spec_data(rungs={"ctf": "configs/nope.yaml"}, variants=[])))
+    with pytest.raises(ValueError, match="ctf: config file not found: configs/nope.yaml"):
+        ab.load_spec(path)
+    with pytest.raises(ValueError, match="--set takes section.key=value"):
+        ab.parse_sets(["train.epochs"])
+
+
+def test_repository_spec_is_valid(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = ab.load_spec("configs/ablation/ladder.yaml")
+    assert [r.name for r in spec.rows if r.rung] == list(ab.RUNGS)
+
+
+# ------------------------------------------------------------------ run list
+
+
+def test_jobs_are_seed_major_and_overrides_apply_after_schedule():
+    spec = ab.parse_spec(_spec_data())
+    jobs = ab.build_jobs(spec)
+    assert [j.key for j in jobs] == [
+        "independent_s0", "ctf_s0", "ctf_T4_s0", "independent_s1", "ctf_s1", "independent_s2", "ctf_s2",
+    ]  # fmt: skip
+    args = jobs[2].overrides("runs/ladder", threads=1)
+    assert args[-1] == "--coop.temperature=4.0" and "--train.seed=0" in args and "--train.threads=1" in args
+    parsed = parse_overrides(args)  # the training CLI reads back what was meant
+    assert parsed["train"]["epochs"] == 6 and parsed["coop"]["temperature"] == 4.0
+    assert parsed["train"]["progress"] is False and parsed["tracking"]["backend"] == "none"
+    assert [j.key for j in ab.build_jobs(spec, only=["ctf"])] == ["ctf_s0", "ctf_s1", "ctf_s2"]
+    with pytest.raises(ValueError, match="--only: no rung or variant 'cft'; did you mean 'ctf'"):
+        ab.build_jobs(spec, only=["cft"])
+
+
+def test_a_pair_with_json_is_skipped_and_stale_json_is_found(tmp_path):
+    spec = ab.parse_spec(_spec_data())
+    jobs = ab.build_jobs(spec)
+    ab.write_json(ab.record_path(tmp_path, jobs[1]), ab.run_record(jobs[1], _results({"teammate_a": [1] * 4}), [], 1))
+    todo = ab.pending(jobs, tmp_path)
+    assert len(todo) == len(jobs) - 1 and jobs[1] not in todo
+    assert ab.stale(jobs, tmp_path) == []
+    changed = ab.build_jobs(ab.parse_spec(_spec_data(), {"train.epochs": 1}))
+    assert ab.stale(changed, tmp_path) == ["ctf_s0"]
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+
+
+# ------------------------------------------------------------------ per-run JSON
+
+
+def test_run_record_reports_teammate_a():
+    spec = ab.parse_spec(_spec_data())
+    job = ab.build_jobs(spec)[1]
+    res = _results({"leader": [1, 2, 3, 80], "teammate_a": [70, 72, 73, 75], "teammate_b": [69, 71, 72, 74]})
+    rec = ab.run_record(job, res, ["--train.seed=0"], 61.23)
+    assert rec["name"] == "ctf" and rec["rung"] == "ctf" and rec["seed"] == 0 and rec["net"] == "teammate_a"
+    assert rec["top1"] == {"0.25": 70, "0.5": 72, "0.75": 73, "1.0": 75}
+    assert list(rec["top1"]) == list(DEPTHS)
+    assert rec["all_top1"]["leader@1.0"] == 80 and rec["all_top1"]["teammate_b@0.25"] == 69
+    assert len(rec["all_top1"]) == 12
+    assert rec["gflops"]["0.5"] == pytest.approx(0.005)
+    assert rec["train_seconds"] == 12.5 and rec["wall_seconds"] == 61.2 and rec["step"] == 10
+    assert rec["overrides"] == ["--train.seed=0"] and rec["config"] == "configs/ablation/6_full_ctf.yaml"
+
+
+def test_run_record_independent_and_missing_fields():
+    job = ab.build_jobs(ab.parse_spec(_spec_data()))[0]
+    rec = ab.run_record(job, _results({"independent": [60, 65, 70, 75]}, train_seconds=None), [], 1.0)
+    assert rec["net"] == "independent" and rec["top1"]["0.25"] == 60 and rec["train_seconds"] is None
+    with pytest.raises(ValueError, match="none of the nets"):
+        ab.run_record(job, _results({"leader": [1, 2, 3, 4]}), [], 1.0)
+
+
+# ------------------------------------------------------------------ aggregation, targets
+
+
+def _ladder(ctf_accs, ind_accs, full_accs=None):
+    data = _spec_data()
+    if full_accs is not None:
+        data["rungs"]["full_only"] = "configs/ablation/2_full_only.yaml"
+    spec = ab.parse_spec(data)
+    accs = {("ctf", s): a for s, a in enumerate(ctf_accs)}
+    accs.update({("independent", s): a for s, a in enumerate(ind_accs)})
+    accs.update({("full_only", s): a for s, a in enumerate(full_accs or [])})
+    return spec, ab.aggregate(spec, _records(spec, accs))
+
+
+def test_aggregate_schema_mean_and_sample_std():
+    spec, ladder = _ladder([[70, 72, 73, 74], [72, 74, 75, 76], [74, 76, 77, 78]], [[60, 65, 70, 75]])
+    assert set(ladder) >= {"command", "schedule", "rungs"} and ladder["command"] == spec.command
+    assert ladder["schedule"] == {"train.epochs": 6, "data.train_subset": 8000}
+    ctf = ladder["rungs"]["ctf"]
+    assert ctf["seeds"] == [0, 1, 2] and ctf["top1"]["0.25"] == [70, 72, 74] and ctf["train_seconds"] == [12.5] * 3
+    assert ctf["mean"]["0.25"] == pytest.approx(72.0) and ctf["std"]["0.25"] == pytest.approx(2.0)  # by hand
+    assert ladder["rungs"]["independent"]["std"]["1.0"] is None  # one seed
+    assert list(ladder["rungs"]) == ["independent", "ctf"] and ladder["variants"] == {}
+    # a seed the spec does not name and a row it does not name are ignored
+    records = _records(spec, {("ctf", 0): [1, 2, 3, 4]})
+    records += [{**records[0], "seed": 7}, {**records[0], "name": "old_variant"}]
+    assert ab.aggregate(spec, records)["rungs"]["ctf"]["seeds"] == [0]
+    json.dumps(ladder)  # serialisable
+
+
+def test_difference_standard_error_by_hand():
+    a = {"mean": {"1.0": 75.0}, "std": {"1.0": 2.0}, "top1": {"1.0": [73, 75, 77]}}
+    b = {"mean": {"1.0": 70.0}, "std": {"1.0": 1.0}, "top1": {"1.0": [69, 70, 71, 70]}}
+    diff, se = ab.difference(a, b, "1.0")
+    assert diff == 5.0 and se == pytest.approx(math.sqrt(4 / 3 + 1 / 4))
+    assert ab.difference(a, {"mean": {"1.0": 70.0}, "std": {"1.0": None}, "top1": {"1.0": [70]}}, "1.0") == (5.0, None)
+
+
+def test_targets_met():
+    _, ladder = _ladder([[72, 74, 76, 79.6]] * 2, [[60, 70, 75, 79]], full_accs=[[30, 60, 77, 80]])
+    targets = ab.check_targets(ladder)
+    assert [t.met for t in targets] == [True, True, True]
+    assert "79.60 vs full-only 80.00" in targets[0].detail and "s=0.25: 72.00 vs 60.00 (+12.00)" in targets[1].detail
+
+
+def test_targets_not_met_and_not_checked():
+    _, ladder = _ladder([[76, 74, 75, 79]], [[60, 75, 70, 79.5]], full_accs=[[30, 60, 77, 80]])
+    a, b, c = ab.check_targets(ladder)
+    assert (a.met, b.met, c.met) == (False, False, False) and a.verdict == "NOT met"
+    assert "s=0.5: 74.00 vs 75.00 (-1.00)" in b.detail
+    _, ladder = _ladder([[70, 72, 73, 74]], [[60, 65, 70, 75]])
+    a, b, c = ab.check_targets(ladder)
+    assert a.met is None and a.verdict == "not checked" and "full_only" in a.detail and b.met is False
+
+
+# ------------------------------------------------------------------ markdown, report
+
+
+def test_markdown_sections_not_met_and_inserted_files():
+    _, ladder = _ladder([[76, 74, 75, 79], [74, 76, 77, 81]], [[60, 76, 70, 79.5]])
+    md = ab.render_markdown(
+        ladder, ab.check_targets(ladder), generated_by="GEN", notes="## Notes\nmine\n", recipes="## Recipes\ntheirs"
+    )
+    order = ["Generated by `GEN`", "## Targets", "## The ladder", "## Recipe variants", "## Notes", "## Recipes",
+             "![accuracy vs GFLOPs](results/ladder.png)"]  # fmt: skip
+    positions = [md.index(s) for s in order]
+    assert positions == sorted(positions)
+    assert "**Not all targets are met:** (a) not checked, (b) NOT met" in md
+    assert "| ctf | 2 | 75.00 ± 1.41 | 75.00 ± 1.41 | 76.00 ± 1.41 | 80.00 ± 1.41 | 0.2 |" in md
+    assert "| independent | 1 | 60.00 ± — |" in md and "| ctf | +15.00 ± — |" in md
+    assert "`train.epochs=6`" in md and "seeds 0, 1, 2" in md
+
+
+def test_report_writes_the_three_files(tmp_path):
+    spec, _ = _ladder([[70, 72, 73, 74]], [[60, 65, 70, 75]])
+    jobs = {j.key: j for j in ab.build_jobs(spec)}
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    for key, accs in {"ctf_s0": [70, 72, 73, 74], "ctf_s1": [71, 72, 74, 75], "ctf_T4_s0": [69, 70, 71, 72]}.items():
+        rec = ab.run_record(jobs[key], _results({"teammate_a": accs}), [], 30.0)
+        ab.write_json(ab.record_path(runs, jobs[key]), rec)
+    (docs / "results").mkdir(parents=True)
+    (docs / "results" / "notes.md").write_text("## Discussion\nhand-written\n")
+    ladder = ab.report(spec, runs, docs, "python benchmarks/ablation.py report --spec s.yaml")
+    assert json.loads((docs / "results" / "ladder.json").read_text()) == ladder
+    assert ladder["variants"]["ctf_T4"]["note"] == "T=4" and ladder["variants"]["ctf_T4"]["seeds"] == [0]
+    md = (docs / "RESULTS.md").read_text()
+    assert "## Discussion\nhand-written" in md and "| ctf_T4 | T=4 | 1 | 69.00 ± — |" in md
+    assert (docs / "results" / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end(tmp_path, fmnist_root):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "command": "smoke",
+                "schedule": {"data.train_subset": 8000},
+                "seeds": [0],
+                "rungs": {
+                    r: str(ROOT / "configs/ablation" / c)
+                    for r, c in [("full_only", "2_full_only.yaml"), ("ctf", "6_full_ctf.yaml")]
+                },
+            }  # fmt: skip
+        )
+    )
+    sets = ["train.max_steps=2", "data.train_subset=256", "data.val_subset=200", "train.epochs=1",
+            "train.recalibrate_bn=200"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "run", "--spec", str(spec), "--jobs", "2",
+           "--results", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--runs-dir", str(tmp_path / "work"),
+           *(a for s in sets for a in ("--set", s))]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "full_only_s0:" in proc.stdout and "ctf_s0:" in proc.stdout
+    ladder = json.loads((tmp_path / "docs" / "results" / "ladder.json").read_text())
+    assert ladder["command"] == "smoke" and ladder["schedule"]["train.max_steps"] == 2
+    assert set(ladder["rungs"]) == {"full_only", "ctf"}
+    for rung in ladder["rungs"].values():
+        assert rung["seeds"] == [0] and list(rung["top1"]) == list(DEPTHS) and len(rung["train_seconds"]) == 1
+    assert (tmp_path / "docs" / "RESULTS.md").is_file() and (tmp_path / "docs" / "results" / "ladder.png").is_file()
+    assert not (tmp_path / "work" / "ctf_s0" / "checkpoints").exists()
+    assert (tmp_path / "work" / "ctf_s0.log").is_file()
+    rec = json.loads((tmp_path / "runs" / "ctf_s0.json").read_text())
+    assert "--train.max_steps=2" in rec["overrides"] and rec["step"] == 2
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)  # resumed: nothing to do
+    assert again.returncode == 0 and "2 of 2 runs done; 0 to run" in again.stdout
