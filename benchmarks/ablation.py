@@ -129,7 +129,14 @@ def parse_spec(data: Any, sets: Mapping[str, Any] | None = None) -> Spec:
     for name in sorted(rungs, key=lambda n: RUNGS.index(n) if n in RUNGS else -1):
         if name not in RUNGS:
             raise ValueError(f"rungs: unknown rung {name!r}{_nearest(str(name), RUNGS)}")
-        rows.append(Row(name=name, config=_config(f"rungs.{name}", rungs[name]), rung=name, seeds=seeds))
+        value, overrides = rungs[name], {}
+        if isinstance(value, Mapping):  # {config: ..., overrides: {...}}
+            unknown = set(value) - {"config", "overrides"}
+            if unknown or "config" not in value:
+                raise ValueError(f"rungs.{name} must be a config path or a mapping with config (and overrides)")
+            value, overrides = value["config"], _settings(f"rungs.{name}.overrides", value.get("overrides"))
+        config = _config(f"rungs.{name}", value)
+        rows.append(Row(name=name, config=config, rung=name, seeds=seeds, overrides=overrides))
     variants = data.get("variants") or []
     if not isinstance(variants, list):
         raise ValueError(f"variants must be a list of mappings, got {type(variants).__name__}")

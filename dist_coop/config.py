@@ -43,6 +43,7 @@ class ModelConfig:
     gate: str = "learned"  # learned | none
     bn: str = "shared"  # shared (per-depth statistics) | private (switchable BN)
     zero_init: bool = False  # skippable blocks start as the identity (last BN of the branch zeroed)
+    head_norm: bool = True  # BN (per-depth statistics) on the pooled features before the shared classifier
     leader_name: str = ""  # "" = same backbone as the Teammates
     leader_width: int = 0  # 0 = same width as the Teammates
 

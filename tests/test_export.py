@@ -11,9 +11,9 @@ from dist_coop.models import DepthBatchNorm2d, build_model
 from dist_coop.models.resnet import ResNet, cifar_resnet
 
 
-def _trained_like(keep="prefix", bn="shared"):
+def _trained_like(keep="prefix", bn="shared", head_norm=False):
     torch.manual_seed(0)
-    net = build_model("resnet32", [0.25, 0.5, 1.0], width=4, in_channels=1, keep=keep, bn=bn)
+    net = build_model("resnet32", [0.25, 0.5, 1.0], width=4, in_channels=1, keep=keep, bn=bn, head_norm=head_norm)
     net.train()
     for s in net.scaling_factors:  # give every depth its own statistics and gates their own values
         net.set_depth(s)
@@ -25,9 +25,9 @@ def _trained_like(keep="prefix", bn="shared"):
     return net.eval()
 
 
-@pytest.mark.parametrize("keep, bn", [("prefix", "shared"), ("spread", "private")])
-def test_static_subnet_equals_adaptive_net(keep, bn):
-    net = _trained_like(keep, bn)
+@pytest.mark.parametrize("keep, bn, head_norm", [("prefix", "shared", True), ("spread", "private", False)])
+def test_static_subnet_equals_adaptive_net(keep, bn, head_norm):
+    net = _trained_like(keep, bn, head_norm)
     x = torch.randn(3, 1, 20, 20)
     for s in net.scaling_factors:
         static = static_subnet(net, s)
@@ -37,12 +37,14 @@ def test_static_subnet_equals_adaptive_net(keep, bn):
             torch.testing.assert_close(static(x), net(x), rtol=1e-5, atol=1e-5)
 
 
-def test_state_dict_loads_into_static_architecture(tmp_path):
-    net = _trained_like()
+@pytest.mark.parametrize("head_norm", [False, True])
+def test_state_dict_loads_into_static_architecture(tmp_path, head_norm):
+    net = _trained_like(head_norm=head_norm)
     path = export(net, 0.5, tmp_path / "sub.pt", "state_dict", (1, 20, 20))
     saved = torch.load(path, weights_only=True)
     assert saved["blocks_per_stage"] == kept_blocks(net, 0.5) == [3, 3, 3]
-    plain = ResNet(saved["blocks_per_stage"], [4, 8, 16], in_channels=1, num_classes=10).eval()
+    assert saved["head_norm"] is head_norm
+    plain = ResNet(saved["blocks_per_stage"], [4, 8, 16], in_channels=1, num_classes=10, head_norm=head_norm).eval()
     plain.load_state_dict(saved["state_dict"])  # strict: every key and shape matches
     x = torch.randn(2, 1, 20, 20)
     with torch.no_grad(), net.at_depth(0.5):

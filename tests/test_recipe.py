@@ -150,3 +150,23 @@ def test_zero_init_blocks_start_as_identity():
     torch.manual_seed(0)
     out = _outputs(build_model("resnet20", [0.25, 1.0], width=4, in_channels=1).eval(), x)
     assert not torch.allclose(out[0.25], out[1.0])
+
+
+def test_head_norm_gives_the_classifier_normalised_features_at_every_depth():
+    """model.head_norm: whatever the depth, the shared classifier gets features of the same scale."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    scales = {}
+    for head_norm in (False, True):
+        net = build_model("resnet32", [0.25, 1.0], width=4, in_channels=1, head_norm=head_norm).train()
+        seen = {}
+        net.backbone.fc.register_forward_hook(lambda m, inp, out: seen.__setitem__("f", inp[0].detach()))
+        for s in net.scaling_factors:
+            with net.at_depth(s):
+                net(x)
+            scales[head_norm, s] = seen["f"].std(0).mean().item()  # per-feature spread over the batch
+    assert scales[True, 0.25] == pytest.approx(1.0, rel=0.05) and scales[True, 1.0] == pytest.approx(1.0, rel=0.05)
+    assert scales[False, 1.0] > 1.5 * scales[False, 0.25]  # the residual adds grow the last stage's output
+    net = build_model("resnet20", [0.5, 1.0], width=4, in_channels=1, head_norm=True)
+    head = net.backbone.avgpool[1]
+    assert head.running_mean.shape == (2, 16)  # one row of statistics per depth

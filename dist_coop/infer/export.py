@@ -67,7 +67,13 @@ def export(net: AdaptiveNet, s: float, path: str | Path, fmt: str, input_shape: 
     example = torch.zeros(1, *input_shape)
     if fmt == "state_dict":
         torch.save(
-            {"state_dict": module.state_dict(), "blocks_per_stage": kept_blocks(net, s), "scaling_factor": s}, path
+            {
+                "state_dict": module.state_dict(),
+                "blocks_per_stage": kept_blocks(net, s),
+                "head_norm": isinstance(module.avgpool, nn.Sequential),  # ResNet(..., head_norm=True)
+                "scaling_factor": s,
+            },
+            path,
         )
     elif fmt == "torchscript":
         torch.jit.save(torch.jit.trace(module, example), str(path))

@@ -61,10 +61,20 @@ def check_model_name(name: str, field: str = "model.name") -> None:
 
 
 def build_backbone(
-    name: str, *, width: int = 0, in_channels: int = 3, num_classes: int = 10
+    name: str, *, width: int = 0, in_channels: int = 3, num_classes: int = 10, head_norm: bool = False
 ) -> tuple[nn.Module, Sequence[str]]:
+    """Backbone ``name`` and its stage names; ``head_norm`` puts a BatchNorm on the pooled features.
+
+    Sub-nets of different depth end their last stage after different numbers of residual adds, so
+    the shared classifier would see features of depth-dependent scale; with per-depth statistics
+    (``AdaptiveNet`` converts this BN like every other) each depth's features reach it normalised.
+    The layout, ``avgpool = Sequential(pool, BatchNorm2d)``, is ``ResNet(..., head_norm=True)``'s.
+    """
     check_model_name(name)
-    return MODELS[name](width, in_channels, num_classes)
+    backbone, stages = MODELS[name](width, in_channels, num_classes)
+    if head_norm:
+        backbone.avgpool = nn.Sequential(backbone.avgpool, nn.BatchNorm2d(backbone.fc.in_features))
+    return backbone, stages
 
 
 def build_model(
@@ -78,9 +88,12 @@ def build_model(
     gate: str = "learned",
     bn: str = "shared",
     zero_init: bool = False,
+    head_norm: bool = False,
 ) -> AdaptiveNet:
     """A depth-adaptive net of registered backbone ``name``."""
-    backbone, stages = build_backbone(name, width=width, in_channels=in_channels, num_classes=num_classes)
+    backbone, stages = build_backbone(
+        name, width=width, in_channels=in_channels, num_classes=num_classes, head_norm=head_norm
+    )
     return AdaptiveNet(
         backbone, stage_names=stages, scaling_factors=scaling_factors, keep=keep, gate=gate, bn=bn, zero_init=zero_init
     )
@@ -99,4 +112,5 @@ def build_from_config(cfg: ModelConfig, scaling_factors: Sequence[float], *, lea
         gate=cfg.gate,
         bn=cfg.bn,
         zero_init=cfg.zero_init,
+        head_norm=cfg.head_norm,
     )

@@ -48,6 +48,7 @@ class ResNet(nn.Module):
         *,
         in_channels: int = 3,
         num_classes: int = 10,
+        head_norm: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
@@ -60,7 +61,9 @@ class ResNet(nn.Module):
             blocks = [BasicBlock(in_planes, planes, stride)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
             setattr(self, self.stage_names[i], nn.Sequential(*blocks))
             in_planes = planes
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool: nn.Module = nn.AdaptiveAvgPool2d(1)
+        if head_norm:  # normalise the pooled features the classifier sees (B, C, 1, 1)
+            self.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(in_planes))
         self.fc = nn.Linear(in_planes, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -73,15 +76,23 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def cifar_resnet(depth: int, *, width: int = 16, in_channels: int = 3, num_classes: int = 10) -> ResNet:
+def cifar_resnet(
+    depth: int, *, width: int = 16, in_channels: int = 3, num_classes: int = 10, head_norm: bool = False
+) -> ResNet:
     if (depth - 2) % 6 != 0:
         raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
     n = (depth - 2) // 6
-    return ResNet([n, n, n], [width, 2 * width, 4 * width], in_channels=in_channels, num_classes=num_classes)
+    widths = [width, 2 * width, 4 * width]
+    return ResNet([n, n, n], widths, in_channels=in_channels, num_classes=num_classes, head_norm=head_norm)
 
 
 def resnet64(
-    blocks_per_stage: Sequence[int], *, width: int = 64, in_channels: int = 3, num_classes: int = 200
+    blocks_per_stage: Sequence[int],
+    *,
+    width: int = 64,
+    in_channels: int = 3,
+    num_classes: int = 200,
+    head_norm: bool = False,
 ) -> ResNet:
     widths = [width, 2 * width, 4 * width, 8 * width]
-    return ResNet(blocks_per_stage, widths, in_channels=in_channels, num_classes=num_classes)
+    return ResNet(blocks_per_stage, widths, in_channels=in_channels, num_classes=num_classes, head_norm=head_norm)
