@@ -202,7 +202,7 @@ def test_self_kd_teacher_is_detached():
     net.set_depth(0.25)
     net.zero_grad(set_to_none=True)
     w = sfsl_weights([0.25, 0.5], 1.0)[0.25]
-    (w * kd_loss(net(x), teacher, 4.0)).backward()
+    (w * kd_loss(net(x), teacher, task.cfg.temperature)).backward()
     for a, p in zip(got, net.parameters()):
         b = p.grad
         assert (a is None) == (b is None)

@@ -1,0 +1,301 @@
+"""The ablation report: per-run JSON records -> the ladder (means, stds), the targets, RESULTS.md and the figure.
+
+Pure functions of the records and the spec's rows (``benchmarks/ablation.py`` runs the sweep and calls them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the spec's classes; this module only reads their fields
+    from ablation import Row, Spec
+
+RUNGS = ("independent", "full_only", "self_learning", "sfsl", "interactive", "ctf")
+RUNG_TITLES = {
+    "independent": "one net per depth, trained alone",
+    "full_only": "full net only, truncated at inference, BN recalibrated",
+    "self_learning": "+ sub-nets distil from the full net",
+    "sfsl": "+ scaling-factor-sensitive loss",
+    "interactive": "+ second Teammate",
+    "ctf": "+ Leader: the full CTF",
+}
+
+# ---------------------------------------------------------------------------------------------- aggregation
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) of the known values; std None below two values."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def _row_summary(row: Row, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    recs = sorted(records, key=lambda r: r["seed"])
+    depths = sorted({d for r in recs for d in r["top1"]}, key=float)
+    top1 = {d: [r["top1"].get(d) for r in recs] for d in depths}
+    gflops = {d: next((r["gflops"][d] for r in recs if r["gflops"].get(d) is not None), None) for d in depths}
+    stats = {d: mean_std(v) for d, v in top1.items()}
+    return {
+        "seeds": [r["seed"] for r in recs],
+        "top1": top1,
+        "train_seconds": [r.get("train_seconds") for r in recs],
+        "wall_seconds": [r.get("wall_seconds") for r in recs],
+        "gflops": gflops,
+        "mean": {d: m for d, (m, _) in stats.items()},
+        "std": {d: s for d, (_, s) in stats.items()},
+    }
+
+
+def aggregate(spec: Spec, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """ladder.json: per rung (and per variant) the per-seed top-1 at each depth, train times, GFLOPs, mean/std.
+
+    Only the spec's rows and seeds count; a row without any result is left out.
+    """
+    out: dict[str, Any] = {
+        "command": spec.command,
+        "schedule": spec.schedule,
+        "seeds": list(spec.seeds),
+        "rungs": {},
+        "variants": {},
+    }
+    for row in spec.rows:
+        recs = [r for r in records if r.get("name") == row.name and r.get("seed") in row.seeds]
+        if not recs:
+            continue
+        summary = _row_summary(row, recs)
+        if row.rung is not None:
+            out["rungs"][row.name] = summary
+        else:
+            out["variants"][row.name] = {
+                "config": row.config,
+                "overrides": row.overrides,
+                "note": row.note,
+                **summary,
+            }
+    return out
+
+
+def difference(a: Mapping[str, Any], b: Mapping[str, Any], depth: str) -> tuple[float | None, float | None]:
+    """Mean of a minus mean of b at ``depth``, and its standard error sqrt(s_a^2/n_a + s_b^2/n_b)."""
+    if depth not in a["mean"] or depth not in b["mean"] or a["mean"][depth] is None or b["mean"][depth] is None:
+        return None, None
+    diff = a["mean"][depth] - b["mean"][depth]
+    sa, sb = a["std"][depth], b["std"][depth]
+    if sa is None or sb is None:
+        return diff, None
+    na, nb = (sum(v is not None for v in row["top1"][depth]) for row in (a, b))
+    return diff, math.sqrt(sa**2 / na + sb**2 / nb)
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    goal: str
+    met: bool | None  # None: not checked (a rung has no results)
+    detail: str
+
+    @property
+    def verdict(self) -> str:
+        return {True: "met", False: "NOT met", None: "not checked"}[self.met]
+
+
+def check_targets(ladder: Mapping[str, Any]) -> list[Target]:
+    """The sweep's three targets, from the ladder's per-depth means."""
+    rungs = ladder["rungs"]
+    ctf, full, ind = rungs.get("ctf"), rungs.get("full_only"), rungs.get("independent")
+    goals = (
+        "CTF Teammate A at s=1 at most 0.5 points below the full-depth-only net",
+        "CTF at least as accurate as independent nets at every depth",
+        "CTF top-1 rising with depth",
+    )
+
+    def missing(*names: str) -> str:
+        return "no results for " + ", ".join(n for n in names if n not in rungs)
+
+    if ctf is None or full is None or "1.0" not in ctf["mean"] or "1.0" not in full["mean"]:
+        a = Target("a", goals[0], None, missing("ctf", "full_only") if ctf is None or full is None else "no s=1")
+    else:
+        c, f = ctf["mean"]["1.0"], full["mean"]["1.0"]
+        a = Target("a", goals[0], c >= f - 0.5, f"CTF {c:.2f} vs full-only {f:.2f} (need >= {f - 0.5:.2f})")
+    if ctf is None or ind is None:
+        b = Target("b", goals[1], None, missing("ctf", "independent"))
+    else:
+        depths = [d for d in ctf["mean"] if d in ind["mean"]]
+        diffs = {d: ctf["mean"][d] - ind["mean"][d] for d in depths}
+        detail = ", ".join(f"s={d}: {ctf['mean'][d]:.2f} vs {ind['mean'][d]:.2f} ({diffs[d]:+.2f})" for d in depths)
+        b = Target("b", goals[1], bool(depths) and all(x >= 0 for x in diffs.values()), detail)
+    if ctf is None:
+        c_ = Target("c", goals[2], None, missing("ctf"))
+    else:
+        means = [ctf["mean"][d] for d in ctf["mean"]]
+        rising = all(x <= y for x, y in zip(means, means[1:]))
+        detail = ", ".join(f"s={d}: {m:.2f}" for d, m in ctf["mean"].items())
+        c_ = Target("c", goals[2], rising, detail)
+    return [a, b, c_]
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _pm(mean: float | None, std: float | None, signed: bool = False) -> str:
+    """``mean ± std`` ("—" for an unknown mean or std); ``signed`` for differences."""
+    if mean is None:
+        return "—"
+    return (f"{mean:+.2f}" if signed else f"{mean:.2f}") + (f" ± {std:.2f}" if std is not None else " ± —")
+
+
+def _minutes(summary: Mapping[str, Any]) -> str:
+    train = [s for s in summary["train_seconds"] if s is not None]
+    if train:
+        return f"{statistics.fmean(train) / 60:.1f}"
+    wall = [s for s in summary["wall_seconds"] if s is not None]
+    return f"{statistics.fmean(wall) / 60:.1f}†" if wall else "—"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _depths(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    return sorted({d for r in rows for d in r["mean"]}, key=float)
+
+
+def render_markdown(
+    ladder: Mapping[str, Any],
+    targets: Sequence[Target],
+    *,
+    generated_by: str,
+    source: str = "docs/results/runs/*.json",
+    notes: str | None = None,
+    recipes: str | None = None,
+    warnings: Sequence[str] = (),
+) -> str:
+    """docs/RESULTS.md from ladder.json's content (pure: no file is read here)."""
+    rungs, variants = ladder["rungs"], ladder.get("variants", {})
+    depths = _depths([*rungs.values(), *variants.values()])
+    schedule = (
+        ", ".join(f"`{k}={v if isinstance(v, str) else json.dumps(v)}`" for k, v in ladder["schedule"].items())
+        or "the configs' own"
+    )
+    seeds = ", ".join(str(s) for s in ladder.get("seeds", [])) or "—"
+    lines = [
+        "# Ablation ladder results",
+        "",
+        f"_Generated by `{generated_by}` from `{source}`; do not edit "
+        "(the discussion is written by hand in `docs/results/notes.md` and inserted below)._",
+        "",
+        "The ladder adds one ingredient of cooperative training per rung, from one net trained alone per depth up "
+        "to the full cooperative framework (CTF): "
+        + "; ".join(f"**{r}** ({RUNG_TITLES[r]})" for r in RUNGS)
+        + ". Every rung uses its config in `configs/ablation/` with the same schedule "
+        f"({schedule}), seeds {seeds}; the reported net is Teammate A (for `independent`, the net of each depth; "
+        "for `full_only`, the plain net truncated with BN recalibrated). Top-1 is % on the validation set, "
+        f"`mean ± std` over seeds (sample std). Command: `{ladder['command']}`.",
+        "",
+        "## Targets",
+        "",
+    ]
+    failed = [t for t in targets if t.met is not True]
+    if failed:
+        lines.append(
+            f"**Not all targets are met:** {', '.join(f'({t.label}) {t.verdict}' for t in failed)}.",
+        )
+    else:
+        lines.append("All targets are met.")
+    lines += ["", *(f"- ({t.label}) {t.goal}: **{t.verdict}** — {t.detail}" for t in targets), ""]
+    lines += [line for w in warnings for line in (f"**Warning:** {w}", "")]
+
+    lines += ["## The ladder", ""]
+    if not rungs:
+        lines += ["No results yet.", ""]
+    header = ["rung", "seeds (n)", *(f"top-1 s={d}" for d in depths), "train min", *(f"GFLOPs s={d}" for d in depths)]
+    body = []
+    for name, r in rungs.items():
+        gf = [f"{r['gflops'][d]:.4f}" if r["gflops"].get(d) is not None else "—" for d in depths]
+        acc = [_pm(r["mean"].get(d), r["std"].get(d)) for d in depths]
+        body.append([name, str(len(r["seeds"])), *acc, _minutes(r), *gf])
+    if rungs:
+        lines += _table(header, body)
+        lines += [
+            "",
+            "Train min: mean training time per run († where runs did not report it: wall-clock of the whole run).",
+            "",
+        ]
+    if "independent" in rungs:
+        ind = rungs["independent"]
+        lines += [
+            "Difference to `independent` (points of top-1; ± is the standard error of the difference, "
+            "sqrt(s_a²/n_a + s_b²/n_b), — with a single seed):",
+            "",
+        ]
+        diff_rows = [
+            [name, *(_pm(*difference(r, ind, d), signed=True) for d in depths)]
+            for name, r in rungs.items()
+            if name != "independent"
+        ]
+        lines += [*_table(["rung", *(f"Δ s={d}" for d in depths)], diff_rows), ""]
+
+    lines += ["## Recipe variants tried", ""]
+    if variants:
+        ctf = rungs.get("ctf")
+        header = ["variant", "note", "seeds (n)", *(f"top-1 s={d}" for d in depths), *(f"Δ ctf s={d}" for d in depths)]
+        body = []
+        for name, v in variants.items():
+            acc = [_pm(v["mean"].get(d), v["std"].get(d)) for d in depths]
+            dif = [_pm(*difference(v, ctf, d), signed=True) if ctf else "—" for d in depths]
+            body.append([name, v["note"] or "—", str(len(v["seeds"])), *acc, *dif])
+        lines += [*_table(header, body), ""]
+    else:
+        lines += ["None yet.", ""]
+    for text in (notes, recipes):
+        if text and text.strip():
+            lines += [text.rstrip("\n"), ""]
+    lines += ["## Accuracy vs compute", "", "![accuracy vs GFLOPs](results/ladder.png)", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- figure
+
+
+def plot_ladder(ladder: Mapping[str, Any], path: str | Path) -> Path:
+    """Top-1 (mean, std error bars) vs GFLOPs per image: a line per rung, variants dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    variants = ladder.get("variants", {})
+    colors = {name: f"C{i}" for i, name in enumerate([*RUNGS, *variants])}  # a rung keeps its colour across reports
+    for group, style in ((ladder["rungs"], "-"), (variants, "--")):
+        for name, r in group.items():
+            ds = [d for d in sorted(r["mean"], key=float) if r["gflops"].get(d) is not None]
+            xs, ys = [r["gflops"][d] for d in ds], [r["mean"][d] for d in ds]
+            yerr = [r["std"][d] or 0.0 for d in ds]
+            ax.errorbar(xs, ys, yerr=yerr, marker="o", linestyle=style, capsize=3, label=name, color=colors[name])
+            if name == "ctf":
+                for d, x, y in zip(ds, xs, ys):
+                    ax.annotate(f"s={float(d):g}", (x, y), textcoords="offset points", xytext=(3, -12), fontsize=7)
+    ax.set_xlabel("GFLOPs per image (forward)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("ablation ladder: top-1 vs compute per depth (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:  # an empty sweep still gets its (empty) figure
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
