@@ -159,8 +159,12 @@ def test_head_norm_gives_the_classifier_normalised_features_at_every_depth():
     scales = {}
     for head_norm in (False, True):
         net = build_model("resnet32", [0.25, 1.0], width=4, in_channels=1, head_norm=head_norm).train()
-        seen = {}
-        net.backbone.fc.register_forward_hook(lambda m, inp, out: seen.__setitem__("f", inp[0].detach()))
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(module, inputs, output, seen=seen):
+            seen["f"] = inputs[0].detach()
+
+        net.backbone.fc.register_forward_hook(keep)
         for s in net.scaling_factors:
             with net.at_depth(s):
                 net(x)
