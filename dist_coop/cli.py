@@ -125,11 +125,21 @@ def write_shards_command(args: argparse.Namespace) -> None:
         kwargs = {"labels": args.cifar_labels} if args.source == "cifar" else {}
         source = SOURCES[args.source](args.root, **kwargs)
     index = write_shards(
-        source, args.out, max_count=args.max_count, max_bytes=args.max_bytes, workers=args.workers, limit=args.limit
+        source,
+        args.out,
+        max_count=args.max_count,
+        max_bytes=args.max_bytes,
+        workers=args.workers,
+        limit=args.limit,
+        channels=args.channels,
+        on_corrupt=args.on_corrupt,
     )
     for split, info in index["splits"].items():
-        print(f"{split}: {info['count']} samples in {len(info['shards'])} shard(s)")
-    print(f"{len(index['classes'])} classes; index: {Path(args.out) / 'index.json'}")
+        notes = [f"{n} converted from {m}" for m, n in info["converted"].items()]
+        notes += [f"{len(info['skipped'])} unreadable file(s) skipped"] if info["skipped"] else []
+        notes += [f"image sizes {', '.join(info['sizes'])}"] if len(info["sizes"]) > 1 else []
+        print(f"{split}: {info['count']} samples in {len(info['shards'])} shard(s)" + "".join(f"; {n}" for n in notes))
+    print(f"{len(index['classes'])} classes, mode {index['mode']}; index: {Path(args.out) / 'index.json'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,6 +169,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_shards.add_argument("--cifar-labels", default="fine", choices=["fine", "coarse"], help="CIFAR-100 label set")
     p_shards.add_argument(
         "--limit", type=int, default=0, help="only the first N training samples (evaluation splits are written whole)"
+    )
+    p_shards.add_argument(
+        "--channels",
+        type=int,
+        default=0,
+        choices=[0, 1, 3],
+        help="store every image as 1 (L) or 3 (RGB) channels, whatever its mode on disk (0 = the dataset's: "
+        "Fashion-MNIST 1, everything else 3)",
+    )
+    p_shards.add_argument(
+        "--on-corrupt",
+        default="error",
+        choices=["error", "skip"],
+        help="a file that does not decode: stop naming it (error), or leave it out and list it in index.json (skip)",
     )
     from dist_coop.infer import commands as infer_commands
 

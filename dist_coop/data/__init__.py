@@ -56,13 +56,14 @@ def build_data(cfg, *, seed: int, device: torch.device | str = "cpu") -> Data:
 
 
 def _from_shards(cfg, *, seed: int, device) -> Data:
-    from dist_coop.data.shards import read_index
+    from dist_coop.data.shards import check_image_sizes, read_index
     from dist_coop.data.stream import ShardBatches
 
     index = read_index(cfg.shards)
     splits = index["splits"]
     val_split = cfg.val_split or ("val" if "val" in splits else "test")
     root = cfg.shards
+    check_image_sizes(index, ("train", val_split), cfg.image_size, root)
     mean, std = index["mean"], index["std"]
     channels = len(mean)
     common = dict(

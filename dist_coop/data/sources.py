@@ -8,7 +8,8 @@
 * Any ``class_name/image`` folder tree (``root/<split>/<class>/...`` or one split ``root/<class>/...``).
 * The bundled Fashion-MNIST.
 
-Images that are arrays (CIFAR, Fashion-MNIST) are encoded as PNG by the writer, in parallel.
+Images that are arrays (CIFAR, Fashion-MNIST) are encoded as PNG by the writer, in parallel; every
+image, file or array, is stored in the source's ``mode`` (``images.encode``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Item:
 
     key: str
     label: int
-    path: str = ""  # an image file (JPEG/PNG) whose bytes go into the shard as they are
+    path: str = ""  # an image file (any format and mode PIL reads)
     array: np.ndarray | None = None  # (H, W) or (H, W, C) uint8
 
 
@@ -39,6 +40,7 @@ class Source:
     classes: list[str]
     splits: dict[str, list[Item]] = field(default_factory=dict)
     class_names: dict[str, str] = field(default_factory=dict)  # e.g. Tiny ImageNet wnid -> words
+    mode: str = "RGB"  # the channel mode the shards store every image in (L or RGB)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -193,7 +195,7 @@ def bundled(root: str | Path = "") -> Source:
     """The bundled Fashion-MNIST (Debian's dataset-fashion-mnist)."""
     from dist_coop.data import fashion_mnist
 
-    src = Source("fashion_mnist", list(fashion_mnist.CLASSES))
+    src = Source("fashion_mnist", list(fashion_mnist.CLASSES), mode="L")
     for split, name in (("train", "train"), ("test", "test")):
         images, labels = fashion_mnist.load_split(split, root)
         src.splits[name] = [

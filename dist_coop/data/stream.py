@@ -8,7 +8,9 @@ the same pixels. The trainer owns the step count: every data shard yields exactl
 batches per epoch (a shard list that runs out starts over), so no rank runs out early and hangs
 a collective. Evaluation reads each validation shard on exactly one rank, in order, once.
 
-Samples are decoded only as images, class indices and JSON; nothing is unpickled.
+Samples are decoded only as images, class indices and JSON; nothing is unpickled. A shard that is
+cut short or a sample that does not decode is one error line naming the shard and the sample, also
+from a DataLoader worker (``data.on_corrupt: skip`` warns, drops and counts instead).
 """
 
 from __future__ import annotations
@@ -26,12 +28,78 @@ import torch
 from torch import Tensor
 
 from dist_coop.data.augment import augment_step, epoch_order, normalize
+from dist_coop.data.images import reason as image_error
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
-class CorruptSample(ValueError):
+class ShardError(ValueError):
+    """A shard, or a sample in it, that cannot be used: one line naming the shard (and the sample)."""
+
+
+class CorruptSample(ShardError):
     pass
+
+
+class CorruptShard(ShardError):
+    """A shard that is cut short or not a readable tar; ``lost``: the samples the index promised but it lacks."""
+
+    def __init__(self, message: str, lost: int = 0) -> None:
+        super().__init__(message)
+        self.lost = lost
+
+
+def _reason(e: Exception) -> str:
+    """One line for an exception from webdataset/tarfile (which append the stream and URL to its args)."""
+    text = str(e.args[0]) if e.args else ""
+    return f"{type(e).__name__}: {' '.join(text.split(' @ ')[0].split())}".rstrip(": ")
+
+
+def shard_samples(url: str, count: int = 0) -> Iterator[dict[str, Any]]:
+    """The samples of one shard; a shard that is not a readable tar, or holds another number of samples
+    than ``count`` (the index's; 0 = unknown), raises CorruptShard naming it and the last good sample.
+
+    A tar cut at a member boundary reads as a shorter tar and webdataset then yields the cut sample
+    with fields missing, so each sample is held back until the next one shows the shard went on past
+    it; a shard that ends short keeps its last sample only when it has every field the writer writes.
+    """
+    import webdataset as wds
+
+    n, last, pending = 0, None, None
+
+    def cut(reason: str = "") -> CorruptShard:
+        after = f"after sample {last}" if last else "before its first sample"
+        listed = f"{n} of the {count} samples the index lists" if count else f"{n} samples read"
+        return CorruptShard(
+            f"{url}: shard is truncated or corrupt {after} ({listed}{'; ' + reason if reason else ''}); "
+            "copy or write the shards again",
+            lost=max(count - n, 1),
+        )
+
+    error = None
+    try:
+        for sample in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}])):
+            if pending is not None:
+                n, last = n + 1, pending["__key__"]
+                yield pending
+            if count and n >= count:
+                raise CorruptShard(
+                    f"{url}: shard holds more than the {count} samples the index lists (sample "
+                    f"{sample.get('__key__')}): the index was not written with these shards; write the shards again"
+                )
+            pending = sample
+    except CorruptShard:
+        raise
+    except Exception as e:  # tarfile.ReadError and friends, with webdataset's additions to the message
+        error = e
+    whole = pending is not None and {"cls", "json"} <= pending.keys() and any(k in pending for k in IMAGE_KEYS)
+    if pending is not None and (whole or (error is None and n + 1 >= count)):
+        n, last = n + 1, pending["__key__"]
+        yield pending
+    if error is not None:
+        raise cut(_reason(error)) from error
+    if n < count:
+        raise cut()
 
 
 def decode_sample(sample: dict[str, Any], *, channels: int, size: int, num_classes: int) -> tuple[np.ndarray, int]:
@@ -51,7 +119,7 @@ def decode_sample(sample: dict[str, Any], *, channels: int, size: int, num_class
             img = img.resize((size, size), Image.BILINEAR)
         array = np.asarray(img, dtype=np.uint8)
     except Exception as e:
-        raise CorruptSample(f"{where}: image does not decode ({e})") from e
+        raise CorruptSample(f"{where}: image does not decode ({image_error(e)})") from e
     try:
         label = int(
             sample["cls"].decode() if isinstance(sample.get("cls"), bytes) else json.loads(sample["json"])["label"]
@@ -69,7 +137,7 @@ class _Pipeline(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
+        urls: list[tuple[str, int]],  # (shard, its sample count in the index)
         *,
         batch_size: int,
         shuffle_seed: int | None,
@@ -81,38 +149,61 @@ class _Pipeline(torch.utils.data.IterableDataset):
         self.urls, self.batch_size, self.shuffle_seed, self.buffer = urls, batch_size, shuffle_seed, buffer
         self.decode_kw, self.on_corrupt, self.train = decode_kw, on_corrupt, train
 
-    def _samples(self, urls: list[str], wid: int):
+    def _shards(self, urls: list[tuple[str, int]]) -> Iterator[dict[str, Any]]:
+        """The samples of ``urls`` in order; on_corrupt skip: a broken shard's missing samples become a
+        ``{"__lost__": n}`` marker."""
+        for url, count in urls:
+            try:
+                yield from shard_samples(url, count)
+            except CorruptShard as e:
+                if self.on_corrupt == "error":
+                    raise
+                warnings.warn(f"skipping the rest of a corrupt shard: {e}", stacklevel=1)
+                yield {"__lost__": e.lost}
+
+    def _samples(self, urls: list[tuple[str, int]], wid: int):
         """One pass over ``urls`` (evaluation), or passes without end (training: the consumer stops),
         each pass shuffled on its own so a sample never repeats before every other one came."""
-        import webdataset as wds
-
-        handler = wds.reraise_exception if self.on_corrupt == "error" else wds.warn_and_continue
         rounds = range(10**9) if self.train else range(1)
         for r in rounds:
-            samples = wds.tarfile_to_samples(handler=handler)(iter({"url": u} for u in urls))
             rng = random.Random((self.shuffle_seed * 1009 + wid) * 101 + r) if self.shuffle_seed is not None else None
-            yield from _shuffled(samples, rng, self.buffer)
+            yield from _shuffled(self._shards(urls), rng, self.buffer)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int, str]]:
+        """(images, labels, samples skipped, "") batches; a shard or sample that cannot be used ends the
+        stream with one (empty, empty, skipped, message) item, so a DataLoader worker reports one line
+        instead of a worker traceback (``ShardBatches.epoch`` raises it)."""
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         xs, ys, skipped = [], [], 0
-        for sample in self._samples(self.urls[wid::nw], wid):
-            try:
-                x, y = decode_sample(sample, **self.decode_kw)
-            except CorruptSample as e:
-                if self.on_corrupt == "error":
-                    raise
-                warnings.warn(f"skipping corrupt sample: {e}", stacklevel=1)
-                skipped += 1
-                continue
-            xs.append(x)
-            ys.append(y)
-            if len(xs) == self.batch_size:
-                yield torch.from_numpy(np.stack(xs)), torch.tensor(ys), skipped
-                xs, ys, skipped = [], [], 0
-        if xs and not self.train:
-            yield torch.from_numpy(np.stack(xs)), torch.tensor(ys), skipped
+        try:
+            for sample in self._samples(self.urls[wid::nw], wid):
+                if "__lost__" in sample:
+                    skipped += sample["__lost__"]
+                    continue
+                try:
+                    x, y = decode_sample(sample, **self.decode_kw)
+                except CorruptSample as e:
+                    if self.on_corrupt == "error":
+                        raise
+                    warnings.warn(f"skipping corrupt sample: {e}", stacklevel=1)
+                    skipped += 1
+                    continue
+                if xs and x.shape != xs[0].shape:
+                    raise ShardError(
+                        f"{sample.get('__url__')} sample {sample.get('__key__')}: image is {x.shape[2]}x{x.shape[1]} "
+                        f"but the batch holds {xs[0].shape[2]}x{xs[0].shape[1]} (width x height); set data.image_size "
+                        "to resize every image to one square size"
+                    )
+                xs.append(x)
+                ys.append(y)
+                if len(xs) == self.batch_size:
+                    yield torch.from_numpy(np.stack(xs)), torch.tensor(ys), skipped, ""
+                    xs, ys, skipped = [], [], 0
+            if xs and not self.train:
+                yield torch.from_numpy(np.stack(xs)), torch.tensor(ys), skipped, ""
+        except (ValueError, OSError) as e:  # ShardError, a label out of range, a shard that cannot be opened
+            yield torch.empty(0), torch.empty(0, dtype=torch.long), skipped, " ".join(str(e).split())
 
 
 def _shuffled(samples, rng: random.Random | None, buffer: int):
@@ -215,7 +306,7 @@ class ShardBatches:
 
     def epoch(self, epoch: int, start: int = 0, *, check: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
         mine = self._my_shards(epoch)
-        urls = [str(self.root / s["name"]) for s in mine]
+        urls = [(str(self.root / s["name"]), s["count"]) for s in mine]
         steps = len(self)  # training streams without end; the trainer owns the step count
         decode_kw = {"channels": self.channels, "size": self.image_size, "num_classes": len(self.index["classes"])}
         pipe = _Pipeline(
@@ -228,11 +319,14 @@ class ShardBatches:
             train=self.train,
         )
         loader = torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=self.workers)
-        seen = 0
-        for step, (x, y, skipped) in enumerate(loader):
+        seen = skipped_now = 0
+        for step, (x, y, skipped, error) in enumerate(loader):
+            if error:
+                raise ShardError(error) from None
             if step >= steps:
                 break
             self.skipped += int(skipped)
+            skipped_now += int(skipped)
             seen += len(y)
             if step < start:  # resuming mid-epoch: replay the stream to the saved position
                 continue
@@ -241,8 +335,8 @@ class ShardBatches:
             if self.train and self.augment:
                 x = augment_step(x, self.padding, seed=self.seed, epoch=epoch, step=step, shard=self.shard)
             yield x, y
-        if check and not self.train and start == 0 and seen + self.skipped != sum(s["count"] for s in mine):
+        if check and not self.train and start == 0 and seen + skipped_now != sum(s["count"] for s in mine):
             raise ValueError(
                 f"{self.split}: the index says data shard {self.shard} holds {sum(s['count'] for s in mine)} samples, "
-                f"the shards held {seen + self.skipped}: the index disagrees with the shards"
+                f"the shards held {seen + skipped_now}: the index disagrees with the shards"
             )
