@@ -15,8 +15,10 @@ from dist_coop.config import Config, config_from_dict, load_config, replace
 from dist_coop.data import build_data
 from dist_coop.dist.env import DistInfo, close_distributed, init_distributed, single_process
 from dist_coop.evaluate import results_table
+from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
-from dist_coop.track import build_tracker
+from dist_coop.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopSignal, interrupted
+from dist_coop.track import FAILED, FINISHED, KILLED, Tracker, build_tracker, error_line
 from dist_coop.trainer import TRAINER_STATE, Trainer, latest_checkpoint, prepare_run_dir
 
 
@@ -32,30 +34,54 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
             need_group=cfg.dist.engine == "deepspeed",
             timeout_s=cfg.dist.timeout_s,
         )
-    try:
-        run_dir = prepare_run_dir(cfg, info.is_main)
-        data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
-        _check_data_matches_model(cfg, data)
-        resume = resolve_resume(cfg.train.resume, run_dir)
-        run_id = load_checkpoint(resume / TRAINER_STATE)["mlflow_run_id"] if resume else ""
-        tracker = build_tracker(
-            cfg.tracking, run_name=cfg.train.run_name, out_dir=cfg.train.out_dir, run_id=run_id, enabled=info.is_main
-        )
+    # SIGTERM: every rank stops at the next step boundary, saves and raises Preempted (dist_coop/preempt.py)
+    with StopSignal() as stop:
         try:
-            trainer = Trainer(cfg, data, run_dir=run_dir, dist=info, tracker=tracker)
-            if resume:
-                trainer.resume(resume)
-            trainer.mlflow_run_id = getattr(tracker, "run_id", "")
-            tracker.log_params(cfg.flat())
-            results = trainer.finish(trainer.train())
+            run_dir = prepare_run_dir(cfg, info.is_main)
+            data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
+            _check_data_matches_model(cfg, data)
+            resume = resolve_resume(cfg.train.resume, run_dir)
+            run_id = load_checkpoint(resume / TRAINER_STATE)["mlflow_run_id"] if resume else ""
+            tracker = build_tracker(
+                cfg.tracking,
+                run_name=cfg.train.run_name,
+                out_dir=cfg.train.out_dir,
+                run_id=run_id,
+                enabled=info.is_main,
+            )
+            try:
+                trainer = Trainer(cfg, data, run_dir=run_dir, dist=info, tracker=tracker, stop_requested=stop.requested)
+                if resume:
+                    trainer.resume(resume)
+                trainer.mlflow_run_id = getattr(tracker, "run_id", "")
+                tracker.log_params(cfg.flat())
+                results = trainer.finish(trainer.train())
+            except BaseException as e:
+                end_run(tracker, e)
+                raise
+            end_run(tracker)
+            if info.is_main and getattr(tracker, "uri", ""):
+                print(
+                    f"MLflow run {tracker.run_id} in {tracker.uri}  (view: mlflow ui --backend-store-uri {tracker.uri})"
+                )
+            return results
         finally:
-            tracker.close()
-        if info.is_main and getattr(tracker, "uri", ""):
-            print(f"MLflow run {tracker.run_id} in {tracker.uri}  (view: mlflow ui --backend-store-uri {tracker.uri})")
-        return results
-    finally:
-        if own_group:
-            close_distributed(info)
+            if own_group:
+                close_distributed(info)
+
+
+def end_run(tracker: Tracker, error: BaseException | None = None) -> None:
+    """Close the tracker's run: FINISHED, KILLED (a stop signal, Ctrl-C) or FAILED, with the error as a tag.
+
+    A failure to close is reported, not raised: it must not hide the error that ended the run.
+    """
+    status = FINISHED if error is None else KILLED if interrupted(error) else FAILED
+    try:
+        tracker.close(status, error_line(error) if error is not None else "")
+    except Exception as e:
+        if error is None:
+            raise
+        print(f"dist-coop: could not close the tracker's run as {status}: {e}", file=sys.stderr)
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
@@ -206,6 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"dist-coop: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"dist-coop: error: {e}", file=sys.stderr)
+        return 1
+    except Preempted as e:
+        print(f"dist-coop: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print("dist-coop: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -7,8 +7,10 @@ Command-line overrides look like ``--coop.alpha=0.5`` (the value is parsed as YA
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,15 @@ def _choice(section: str, name: str, value: object, choices: typing.Iterable[obj
     choices = list(choices)
     if value not in choices:
         raise ValueError(f"{section}.{name} must be one of {choices}, got {value!r}")
+
+
+def _finite(section: str, obj: object) -> None:
+    """Every float of a section (and every float in its lists) is finite: inf and nan slip past range checks."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{section}.{f.name} must be finite, got {v}")
 
 
 def _positive(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -48,6 +59,7 @@ class ModelConfig:
     leader_width: int = 0  # 0 = same width as the Teammates
 
     def __post_init__(self) -> None:
+        _finite("model", self)
         check_model_name(self.name, "model.name")
         if self.leader_name:
             check_model_name(self.leader_name, "model.leader_name")
@@ -84,6 +96,7 @@ class CoopConfig:
     sub_ce: bool = True  # sub-nets learn from the labels too; False = in-place distillation (KD only)
 
     def __post_init__(self) -> None:
+        _finite("coop", self)
         _choice("coop", "task", self.task, TASKS)
         if not self.scaling_factors:
             raise ValueError("coop.scaling_factors must not be empty")
@@ -128,6 +141,7 @@ class DataConfig:
     on_corrupt: str = "error"  # shards: error | skip (warn, count in data/corrupt_skipped, drop the sample)
 
     def __post_init__(self) -> None:
+        _finite("data", self)
         _choice("data", "dataset", self.dataset, DATASETS)
         for name in ("batch_size", "eval_batch_size"):
             _positive("data", name, getattr(self, name))
@@ -157,6 +171,7 @@ class OptimConfig:
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 
     def __post_init__(self) -> None:
+        _finite("optim", self)
         _choice("optim", "name", self.name, ("sgd", "adamw"))
         _choice("optim", "schedule", self.schedule, ("cosine", "step", "constant"))
         _choice("optim", "amp", self.amp, ("none", "bf16", "fp16", "auto"))
@@ -185,13 +200,17 @@ class TrainConfig:
     resume: str = ""  # "" = start fresh, "auto" = latest checkpoint of this run if any, or a checkpoint folder
     recalibrate_bn: int = 0  # after training, recompute each depth's BN statistics on N samples
     progress: bool = True
+    on_nonfinite: str = "error"  # a net's loss or gradient is inf/nan: error (stop, naming it) | skip (drop its step)
+    max_nonfinite: int = 10  # skip: stop after this many consecutive skipped steps of one net
 
     def __post_init__(self) -> None:
+        _finite("train", self)
         _positive("train", "epochs", self.epochs)
         for name in ("max_steps", "threads", "checkpoint_every", "recalibrate_bn"):
             _positive("train", name, getattr(self, name), allow_zero=True)
-        for name in ("log_every", "eval_every"):
+        for name in ("log_every", "eval_every", "max_nonfinite"):
             _positive("train", name, getattr(self, name))
+        _choice("train", "on_nonfinite", self.on_nonfinite, ("error", "skip"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,6 +226,7 @@ class DistConfig:
     keep_checkpoints: int = 2  # newest checkpoint folders kept
 
     def __post_init__(self) -> None:
+        _finite("dist", self)
         _choice("dist", "placement", self.placement, ("auto", "split", "colocated"))
         _choice("dist", "engine", self.engine, ("torch", "deepspeed"))
         _choice("dist", "zero_stage", self.zero_stage, (0, 1, 2, 3))
@@ -224,6 +244,7 @@ class TrackingConfig:
     experiment: str = "dist_coop"
 
     def __post_init__(self) -> None:
+        _finite("tracking", self)
         _choice("tracking", "backend", self.backend, ("mlflow", "none"))
 
 
@@ -270,6 +291,9 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         return tuple(_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 and inf as strings
+        with contextlib.suppress(ValueError):
+            return float(value)
     if hint is bool and not isinstance(value, bool):
         raise ValueError(f"{path} must be true or false, got {value!r}")
     if hint in (int, float) and isinstance(value, bool):

@@ -12,6 +12,7 @@ import contextlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,11 @@ from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine, clip_threshold
 from dist_coop.dist.env import DistInfo
 from dist_coop.dist.placement import check_engine_support, plan_placement
 from dist_coop.evaluate import evaluate_sums, results_table, selected_depths, sums_to_metrics
+from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.infer.cost import cost_metrics
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.models.registry import build_from_config
+from dist_coop.preempt import Preempted
 from dist_coop.track import NullTracker, Tracker
 from dist_coop.track.plots import plot_accuracy_vs_flops
 
@@ -65,7 +68,9 @@ class Trainer:
         run_dir: str | Path,
         dist: DistInfo | None = None,
         tracker: Tracker | None = None,
+        stop_requested: Callable[[], bool] = lambda: False,
     ) -> None:
+        """``stop_requested``: has this process been asked to stop (SIGTERM)? Read once per step."""
         self.cfg, self.dist = cfg, dist or DistInfo()
         self.device = self.dist.device
         self.run_dir = Path(run_dir)
@@ -88,6 +93,14 @@ class Trainer:
         }
         engine_amp = cfg.dist.engine == "deepspeed"  # DeepSpeed casts the model itself
         self.amp_dtype = None if engine_amp else resolve_amp(cfg.optim.amp, self.device)
+        self.guard = StepGuard(
+            [s.name for s in self.task.specs],
+            self.nets,
+            mode=cfg.train.on_nonfinite,
+            max_consecutive=cfg.train.max_nonfinite,
+            dist=self.dist,
+            stop_requested=stop_requested,
+        )
         self.step = 0  # optimizer steps done
         self.mlflow_run_id = ""
         self.train_seconds, self.train_samples = 0.0, 0  # this process, this launch (throughput)
@@ -131,16 +144,13 @@ class Trainer:
         for engine in self.engines.values():
             engine.module.train()
         self.task.set_progress(self.step, self.total_steps)
+        self.guard.snapshot()  # skip mode: a skipped step must not leave its BN statistics behind
         with self.autocast():
             terms = self.task.local_terms(self.engines, x, y, self.exchange)
         totals: dict[str, torch.Tensor] = {}
         for name, value in terms.items():
             totals[net_of(name)] = totals.get(net_of(name), 0.0) + value
-        # each net's total touches only its own parameters (teachers are detached)
-        for name, engine in self.engines.items():
-            engine.backward(totals[name])
-        for engine in self.engines.values():
-            engine.step()
+        self._update(totals)
         self.step += 1
         if not logs:
             return {}
@@ -148,13 +158,36 @@ class Trainer:
         out.update({f"train/loss/{k}": v.item() for k, v in totals.items()})
         for name, engine in self.engines.items():  # is one role clipped and another not?
             out.update({f"train/{key}/{name}": value for key, value in engine.grad_stats().items()})
+        out.update(self.guard.metrics())
         out["train/kd_scale"] = getattr(self.task, "kd_scale", 0.0)
         return out
+
+    def _update(self, totals: dict[str, torch.Tensor]) -> None:
+        """Backward and step every local net, unless the step guard skips it (non-finite loss or gradient).
+
+        Each net's total touches only its own parameters (teachers are detached). The torch engine
+        knows its gradient norm before its update: its nets are checked on loss and gradient after
+        clipping. DeepSpeed computes the norm inside its step and skips non-finite gradients itself:
+        its nets are checked on the loss, before backward.
+        """
+        after_backward = all(engine.norm_before_step for engine in self.engines.values())
+        skip = set() if after_backward else self.guard.check(self.step, totals)
+        for name, engine in self.engines.items():
+            if name not in skip:
+                engine.backward(totals[name])
+        if after_backward:
+            skip = self.guard.check(self.step, totals, {n: e.clip_grads() for n, e in self.engines.items()})
+        for name, engine in self.engines.items():
+            engine.step(skip=name in skip)
 
     # ------------------------------------------------------------------ the loop
 
     def train(self, stop_at_step: int | None = None) -> dict[str, float]:
-        """Train to ``total_steps`` (or stop early at ``stop_at_step``, as a crash would); returns final metrics."""
+        """Train to ``total_steps`` (or stop early at ``stop_at_step``, as a crash would); returns final metrics.
+
+        When a rank is asked to stop (SIGTERM), every rank finishes the same step, the epoch's
+        evaluation if that step ends an epoch, saves a checkpoint and raises ``Preempted``.
+        """
         cfg = self.cfg.train
         metrics: dict[str, float] = {}
         while self.step < self.total_steps:
@@ -184,7 +217,7 @@ class Trainer:
                 if self.step == stop_at_step:
                     bar.close()
                     return metrics
-                if self.step >= self.total_steps:
+                if self.step >= self.total_steps or self.guard.stop:
                     break
             bar.close()
             epoch_done = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
@@ -195,6 +228,11 @@ class Trainer:
                 self.log(f"epoch {epoch + 1}: " + self.summary(metrics))
             if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save()
+            if self.guard.stop and self.step < self.total_steps:  # after the last step the run just finishes
+                raise Preempted(
+                    f"rank {self.dist.rank}: stopped at step {self.step} of {self.total_steps} on a stop signal; "
+                    f"checkpoint step_{self.step:08d} saved; continue with --train.resume=auto"
+                )
         return metrics
 
     def evaluate(self, which: str = "all") -> dict[str, float]:
@@ -293,9 +331,17 @@ class Trainer:
     def save(self) -> Path:
         """Every engine saves into ``checkpoints/step_N/``; then rank 0 writes the trainer state and, last, the tag.
 
-        Every rank agrees on the tag (the step). A crash mid-save leaves the previous tag in force.
+        Every rank agrees on the tag (the step). A crash mid-save leaves the previous tag in force, and so
+        do non-finite weights: they are refused (``NonFiniteError``) before anything is written.
         """
         tag = f"step_{self.step:08d}"
+        bad = nonfinite_nets(self.nets, self.guard.net_names, self.dist)
+        if bad:
+            last = latest_checkpoint(self.run_dir)
+            raise NonFiniteError(
+                f"refusing to save checkpoint {tag}: non-finite weights in {', '.join(bad)}; "
+                + (f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint was written")
+            )
         folder = self.run_dir / CHECKPOINTS / tag
         folder.mkdir(parents=True, exist_ok=True)
         for name, engine in self.engines.items():
@@ -307,6 +353,7 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "mlflow_run_id": self.mlflow_run_id,
                 "rng": torch.get_rng_state(),
+                "guard": self.guard.state_dict(),
             }
             save_checkpoint(state, folder / TRAINER_STATE)
             marker = self.run_dir / CHECKPOINTS / LATEST
@@ -327,6 +374,7 @@ class Trainer:
             engine.load(folder, name)
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"])
+        self.guard.load_state_dict(state.get("guard", {}))
         self.mlflow_run_id = state.get("mlflow_run_id", "")
         self.log(f"resumed from {folder} at step {self.step}")
 

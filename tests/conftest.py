@@ -24,6 +24,7 @@ class RecordingTracker:
 
     def __init__(self):
         self.params, self.metrics, self.artifacts, self.closed = {}, {}, [], False
+        self.status, self.error = "", ""
         self.run_id = ""
 
     def log_params(self, params):
@@ -35,8 +36,8 @@ class RecordingTracker:
     def log_artifact(self, path):
         self.artifacts.append(str(path))
 
-    def close(self):
-        self.closed = True
+    def close(self, status="FINISHED", error=""):
+        self.closed, self.status, self.error = True, status, error
 
 
 @pytest.fixture

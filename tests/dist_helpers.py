@@ -39,8 +39,8 @@ def tiny_config(out_dir, *extra):
     return load_config(None, [*TINY, f"--train.out_dir={out_dir}", "--train.run_name=t", *extra])
 
 
-def run_steps(cfg, info, num_steps: int) -> dict:
-    """Run ``num_steps`` training steps; return what each rank saw and computed."""
+def run_steps(cfg, info, num_steps: int, nan_steps: tuple[int, ...] = ()) -> dict:
+    """Run ``num_steps`` training steps (the batches of ``nan_steps`` made NaN); return what each rank saw and computed."""
     torch.set_num_threads(1)
     data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
     trainer = Trainer(cfg, data, run_dir=os.path.join(cfg.train.out_dir, "t"), dist=info)
@@ -50,11 +50,13 @@ def run_steps(cfg, info, num_steps: int) -> dict:
         "pixels": [],
         "nets": sorted(trainer.engines),
         "placement": trainer.placement.kind,
+        "lr": [],
     }
     for step, (x, y) in enumerate(trainer.train_data.epoch(0)):
         if step == num_steps:
             break
-        logs = trainer.train_step(x, y)
+        logs = trainer.train_step(torch.full_like(x, float("nan")) if step in nan_steps else x, y)
+        record["lr"].append({name: engine.lr() for name, engine in trainer.engines.items()})
         record["losses"].append({k: v for k, v in logs.items() if k.startswith("train/loss/")})
         record["labels"].append(y.tolist())
         record["pixels"].append(float(x.double().sum()))
@@ -62,10 +64,13 @@ def run_steps(cfg, info, num_steps: int) -> dict:
         n: torch.cat([p.detach().float().reshape(-1) for p in m.parameters()]) for n, m in trainer.nets.items()
     }
     record["exchange_seconds"] = trainer.exchange.seconds
+    record["skipped"] = dict(trainer.guard.skipped)
     return record
 
 
-def worker(rank: int, world_size: int, port: int, out_dir: str, overrides: list[str], num_steps: int) -> None:
+def worker(
+    rank: int, world_size: int, port: int, out_dir: str, overrides: list[str], num_steps: int, nan_steps: tuple = ()
+) -> None:
     os.environ.update(
         {
             "RANK": str(rank),
@@ -78,15 +83,16 @@ def worker(rank: int, world_size: int, port: int, out_dir: str, overrides: list[
     cfg = tiny_config(out_dir, "--train.device=cpu", *overrides)
     info = init_distributed("cpu", backend="gloo", need_group=True)
     try:
-        record = run_steps(cfg, info, num_steps)
+        record = run_steps(cfg, info, num_steps, nan_steps)
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         close_distributed(info)
 
 
-def spawn(world_size: int, out_dir, overrides: list[str], num_steps: int = 3) -> list[dict]:
+def spawn(
+    world_size: int, out_dir, overrides: list[str], num_steps: int = 3, nan_steps: tuple[int, ...] = ()
+) -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
-    torch.multiprocessing.spawn(
-        worker, args=(world_size, free_port(), str(out_dir), list(overrides), num_steps), nprocs=world_size, join=True
-    )
+    args = (world_size, free_port(), str(out_dir), list(overrides), num_steps, tuple(nan_steps))
+    torch.multiprocessing.spawn(worker, args=args, nprocs=world_size, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

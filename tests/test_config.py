@@ -1,6 +1,9 @@
+import dataclasses
+import typing
+
 import pytest
 
-from dist_coop.config import Config, load_config, parse_overrides, save_config
+from dist_coop.config import SECTIONS, Config, config_from_dict, load_config, parse_overrides, save_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -37,6 +40,9 @@ def test_yaml_file_and_cli_override(tmp_path):
         ("--coop.teammates=3", r"coop\.teammates must be one of \[1, 2\]"),
         ("--model.bn=group", r"model\.bn must be one of"),
         ("--coop.scaling_factors=oops", r"coop\.scaling_factors must be a list of float"),
+        ("--optim.lr=inf", r"optim\.lr must be finite, got inf"),
+        ("--coop.scaling_factors=[.nan, 1.0]", r"coop\.scaling_factors must be finite, got nan"),
+        ("--train.on_nonfinite=warn", r"train\.on_nonfinite must be one of \['error', 'skip'\]"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
@@ -69,3 +75,19 @@ def test_config_is_frozen():
     with pytest.raises(AttributeError):
         cfg.coop.alpha = 3.0  # type: ignore[misc]
     assert cfg.flat()["coop.alpha"] == 1.0
+
+
+def test_every_float_of_every_section_must_be_finite():
+    """inf and nan pass range checks like ``> 0``; every float field (and float list) refuses them by name."""
+    checked = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if hint is float or typing.get_args(hint)[:1] == (float,):
+                for bad in (float("inf"), float("-inf"), float("nan")):
+                    value = [bad, 1.0] if hint is not float else bad
+                    with pytest.raises(ValueError, match=rf"^{section}\.{f.name} must be finite, got {bad}$"):
+                        config_from_dict({section: {f.name: value}})
+                checked.append(f"{section}.{f.name}")
+    assert {"optim.lr", "coop.alpha", "coop.scaling_factors", "optim.milestones"} <= set(checked)
+    assert load_config(None, ["--optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string

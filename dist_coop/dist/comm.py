@@ -103,3 +103,10 @@ def all_reduce_sum(values: list[float], group: Any, device: torch.device) -> lis
 def barrier(info: DistInfo) -> None:
     if info.initialized:
         dist.barrier()
+
+
+def all_reduce_world(t: Tensor, info: DistInfo) -> Tensor:
+    """Sum ``t`` over every rank in place, so every rank decides the same (no-op at world size 1)."""
+    if info.initialized and info.world_size > 1:
+        dist.all_reduce(t)
+    return t

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,17 @@ def clip_threshold(grad_clip: float, clip_scale: str, num_terms: int) -> float:
     return grad_clip * (num_terms if clip_scale == "terms" else 1)
 
 
+def advance_schedule(scheduler: Any) -> None:
+    """Step the schedule of a skipped update, so every net stays at the loop's step (quietly: torch warns
+    when the first scheduler step comes before any optimizer step)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
+
+
 class TorchEngine(_NetAccess):
+    norm_before_step = True  # the step guard can check the gradient norm before the update
+
     def __init__(
         self,
         net: AdaptiveNet,
@@ -63,6 +74,7 @@ class TorchEngine(_NetAccess):
         self.optim_cfg = optim_cfg
         self.max_norm = optim_cfg.grad_clip if max_norm is None else max_norm
         self.grad_norm: Tensor | None = None  # of the last step, before clipping (read only when logging)
+        self._clipped = False  # clip_grads ran for the pending step
         self.optimizer = build_optimizer(net, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, total_steps, optim_cfg)
         self.scaler = torch.amp.GradScaler(enabled=fp16)
@@ -91,11 +103,28 @@ class TorchEngine(_NetAccess):
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def step(self) -> None:
+    def clip_grads(self) -> Tensor | None:
+        """Average over the group, unscale and clip; returns the norm before clipping (on device, no sync).
+
+        None under fp16 loss scaling: a non-finite norm is routine there and the scaler skips that step itself.
+        """
         self._average_gradients()
         self.scaler.unscale_(self.optimizer)
         # the norm is measured on every step (logged as train/grad_norm); clipping only with a threshold
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_norm or float("inf"))
+        self._clipped = True
+        return None if self.scaler.is_enabled() else self.grad_norm
+
+    def step(self, skip: bool = False) -> None:
+        """The update (``skip``: drop this step's gradients instead); the schedule advances either way."""
+        if not self._clipped:
+            self.clip_grads()
+        self._clipped = False
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            advance_schedule(self.scheduler)
+            return
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -125,11 +154,20 @@ class TorchEngine(_NetAccess):
         self.scaler.load_state_dict(state["scaler"])
 
     def save(self, folder: Path, name: str) -> None:
-        if self.group_rank == 0:  # replicas are identical: one writer per group
+        if self.group_rank == 0:  # replicas are identical: one writer per group...
             save_checkpoint(self.state_dict(), folder / f"{name}.pt")
+        else:  # ...but for their BN running statistics, each gathered on its own shard of the data
+            save_checkpoint(dict(self.module.named_buffers()), folder / f"{name}.rank{self.group_rank}.pt")
 
     def load(self, folder: Path, name: str) -> None:
-        self.load_state_dict(load_checkpoint(folder / f"{name}.pt", next(self.module.parameters()).device))
+        device = next(self.module.parameters()).device
+        self.load_state_dict(load_checkpoint(folder / f"{name}.pt", device))
+        own = folder / f"{name}.rank{self.group_rank}.pt"
+        if self.group_rank and own.is_file():  # absent in checkpoints of an older layout: rank 0's then
+            buffers = load_checkpoint(own, device)
+            with torch.no_grad():
+                for key, b in self.module.named_buffers():
+                    b.copy_(buffers[key])
 
 
 class GroupMPU:
@@ -211,6 +249,10 @@ def deepspeed_config(cfg, *, micro_batch: int, dp_size: int) -> dict[str, Any]:
 
 
 class DeepSpeedEngine(_NetAccess):
+    # DeepSpeed computes the gradient norm inside its step, and its fp16 / bf16 / ZeRO optimizers skip a
+    # non-finite gradient themselves (its overflow handling): the step guard checks the loss, before backward
+    norm_before_step = False
+
     def __init__(
         self,
         net: AdaptiveNet,
@@ -231,11 +273,21 @@ class DeepSpeedEngine(_NetAccess):
         self.config = deepspeed_config(cfg, micro_batch=micro_batch, dp_size=dp_size)
         self.config["gradient_clipping"] = self.max_norm
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=net, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
-            mpu=GroupMPU(group, singleton), dist_init_required=False,
+            model=net,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.config,
+            mpu=GroupMPU(group, singleton),
+            dist_init_required=False,
         )
         self.module: AdaptiveNet = self.engine.module
-        self.dtype = torch.bfloat16 if self.config["bf16"]["enabled"] else torch.float16 if self.config["fp16"]["enabled"] else torch.float32
+        self.dtype = (
+            torch.bfloat16
+            if self.config["bf16"]["enabled"]
+            else torch.float16
+            if self.config["fp16"]["enabled"]
+            else torch.float32
+        )
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.engine(x.to(self.dtype))
@@ -246,8 +298,12 @@ class DeepSpeedEngine(_NetAccess):
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> None:
-        self.engine.step()  # clipping, optimizer, scheduler, zero_grad
+    def step(self, skip: bool = False) -> None:
+        """DeepSpeed's step: clipping, optimizer, scheduler, zero_grad. ``skip`` (no backward was run): the schedule only."""
+        if skip:
+            advance_schedule(self.engine.lr_scheduler)
+            return
+        self.engine.step()
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]

@@ -113,7 +113,7 @@ def _log_to_mlflow(trainer, folder: Path, profile: Profile, net: str, path: Path
     metrics = {f"profile/latency_ms_b{b}/{net}@{d.s}": ms for d in profile.depths for b, ms in d.latency_ms.items()}
     tracker.log_metrics(trainer.step, metrics)
     tracker.log_artifact(path)
-    tracker.close()
+    tracker.close(tracker.previous_status if tracker.previous_status in ("FAILED", "KILLED") else "FINISHED")
 
 
 def export_command(args: argparse.Namespace) -> Path:

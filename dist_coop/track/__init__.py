@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_coop.track.base import NullTracker, Tracker
+from dist_coop.track.base import FAILED, FINISHED, KILLED, NullTracker, Tracker, error_line
 
 
 def build_tracker(cfg, *, run_name: str, out_dir: str | Path, run_id: str = "", enabled: bool = True) -> Tracker:
@@ -16,4 +16,4 @@ def build_tracker(cfg, *, run_name: str, out_dir: str | Path, run_id: str = "", 
     return MlflowTracker(cfg.uri or default_uri(out_dir), cfg.experiment, run_name, run_id)
 
 
-__all__ = ["NullTracker", "Tracker", "build_tracker"]
+__all__ = ["FAILED", "FINISHED", "KILLED", "NullTracker", "Tracker", "build_tracker", "error_line"]

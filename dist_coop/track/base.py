@@ -5,12 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # how a run ends (MLflow's run statuses)
+
 
 class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
-    def close(self) -> None: ...
+    def close(self, status: str = FINISHED, error: str = "") -> None:
+        """End the run as ``status``; ``error``: why it did not finish (one line)."""
+        ...
+
+
+def error_line(error: BaseException) -> str:
+    """``"NonFiniteError: non-finite loss of ..."``: the exception's type and first line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 class NullTracker:
@@ -27,5 +37,5 @@ class NullTracker:
     def log_artifact(self, path: str | Path) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str = FINISHED, error: str = "") -> None:
         pass

@@ -10,6 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dist_coop.track.base import FINISHED
+
+ERROR_TAG, ERROR_TAG_CHARS = "error", 1000
+
 
 def mlflow_key(name: str) -> str:
     return name.replace("@", "/depth_")
@@ -23,7 +27,9 @@ class MlflowTracker:
         self._mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
-        # resume continues the same run (its id is stored in the checkpoint)
+        # how a continued run last ended (FAILED, KILLED, ...); "" for a new run
+        self.previous_status = mlflow.get_run(run_id).info.status if run_id else ""
+        # resume continues the same run (its id is stored in the checkpoint), RUNNING again
         self.run = mlflow.start_run(run_id=run_id or None, run_name=None if run_id else run_name)
         self.run_id: str = self.run.info.run_id
         self.uri = uri
@@ -44,8 +50,16 @@ class MlflowTracker:
         else:
             self._mlflow.log_artifact(str(path))
 
-    def close(self) -> None:
-        self._mlflow.end_run()
+    def close(self, status: str = FINISHED, error: str = "") -> None:
+        """End the run as FINISHED, FAILED or KILLED; ``error`` becomes the tag ``error``.
+
+        A continued run that now finishes loses the tag its last attempt left.
+        """
+        if error:
+            self._mlflow.set_tag(ERROR_TAG, error[:ERROR_TAG_CHARS])
+        elif status == FINISHED and ERROR_TAG in self._mlflow.get_run(self.run_id).data.tags:
+            self._mlflow.delete_tag(ERROR_TAG)
+        self._mlflow.end_run(status=status)
 
 
 def default_uri(out_dir: str | Path) -> str:
