@@ -98,13 +98,17 @@ def _config(where: str, value: Any) -> str:
     return value
 
 
+def _check_keys(where: str, mapping: Mapping[str, Any], valid: Sequence[str]) -> None:
+    for key in mapping:
+        if key not in valid:
+            raise ValueError(f"{where}: unknown key {key!r}{_nearest(str(key), valid)}")
+
+
 def parse_spec(data: Any, sets: Mapping[str, Any] | None = None) -> Spec:
     """Validate a spec mapping (as read from YAML); ``sets`` override schedule entries (``--set``)."""
     if not isinstance(data, Mapping):
         raise ValueError(f"a sweep spec must be a mapping, got {type(data).__name__}")
-    for key in data:
-        if key not in SPEC_KEYS:
-            raise ValueError(f"unknown spec key {key!r}{_nearest(str(key), SPEC_KEYS)}")
+    _check_keys("spec", data, SPEC_KEYS)
     command = data.get("command")
     if not isinstance(command, str) or not command.strip():
         raise ValueError("command must be the sweep's command line (a non-empty string), recorded in ladder.json")
@@ -134,9 +138,7 @@ def parse_spec(data: Any, sets: Mapping[str, Any] | None = None) -> Spec:
         where = f"variants[{i}]"
         if not isinstance(v, Mapping):
             raise ValueError(f"{where} must be a mapping with keys {list(VARIANT_KEYS)}, got {v!r}")
-        for key in v:
-            if key not in VARIANT_KEYS:
-                raise ValueError(f"{where}: unknown key {key!r}{_nearest(str(key), VARIANT_KEYS)}")
+        _check_keys(where, v, VARIANT_KEYS)
         name = v.get("name")
         if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"{where}.name must be a non-empty name of letters, digits, '_' or '-', got {name!r}")

@@ -88,7 +88,7 @@ def test_set_overrides_schedule():
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"seed": [0]}, "unknown spec key 'seed'; did you mean 'seeds'"),
+        ({"seed": [0]}, "spec: unknown key 'seed'; did you mean 'seeds'"),
         ({"rungs": {"ctff": "a.yaml"}}, "unknown rung 'ctff'; did you mean 'ctf'"),
         ({"rungs": {}}, "rungs must be a non-empty mapping"),
         ({"seeds": []}, "seeds must be a non-empty list"),
