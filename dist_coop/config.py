@@ -81,7 +81,7 @@ class CoopConfig:
 
     task: str = "cooperative"  # cooperative | independent (one separate net per depth)
     scaling_factors: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
-    temperature: float = 1.0  # T = 4 cost 3-7 points in every measured setting (docs/RESULTS.md)
+    temperature: float = 1.0  # T = 4 was worse wherever measured (docs/RESULTS.md)
     teammates: int = 2  # 1 = self-learning only, 2 = interactive learning
     leader: bool = True  # guided learning
     sub_nets: bool = True  # False = train the full net only (truncate at inference)
