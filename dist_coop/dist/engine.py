@@ -110,8 +110,12 @@ class TorchEngine(_NetAccess):
         """
         self._average_gradients()
         self.scaler.unscale_(self.optimizer)
-        # the norm is measured on every step (logged as train/grad_norm); clipping only with a threshold
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_norm or float("inf"))
+        # the norm is measured on every step (logged as train/grad_norm); the gradients are scaled only
+        # with a threshold (no multiply by 1 on every step when clipping is off)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.max_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, self.grad_norm)
         self._clipped = True
         return None if self.scaler.is_enabled() else self.grad_norm
 
@@ -222,7 +226,7 @@ def grad_stats(norm: float, max_norm: float) -> dict[str, float]:
     return {"grad_norm": norm, "clip_coef": coef}
 
 
-def deepspeed_config(cfg, *, micro_batch: int, dp_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg, *, micro_batch: int, dp_size: int, max_norm: float | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON config, generated from our YAML in this one place.
 
     ``cfg`` is the whole ``Config``; ``dist.deepspeed_extra`` keys are merged over the result.
@@ -232,7 +236,7 @@ def deepspeed_config(cfg, *, micro_batch: int, dp_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * dp_size,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip if max_norm is None else max_norm,
         "zero_optimization": {"stage": cfg.dist.zero_stage},
         "bf16": {"enabled": amp == "bf16"},
         "fp16": {"enabled": amp == "fp16"},
@@ -270,8 +274,7 @@ class DeepSpeedEngine(_NetAccess):
         scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
         dp_size = dist.get_world_size(group)
         self.max_norm = cfg.optim.grad_clip if max_norm is None else max_norm
-        self.config = deepspeed_config(cfg, micro_batch=micro_batch, dp_size=dp_size)
-        self.config["gradient_clipping"] = self.max_norm
+        self.config = deepspeed_config(cfg, micro_batch=micro_batch, dp_size=dp_size, max_norm=self.max_norm)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=net,
             optimizer=optimizer,
