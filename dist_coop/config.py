@@ -94,6 +94,7 @@ class CoopConfig:
     gate_reg: float = 0.0  # weight of sum_b (g_b - 1)^2 over the learned gates (0 = off)
     sub_guided: bool = False  # sub-nets also distil from the Leader (beta * KD(z_X^s, z_L))
     sub_ce: bool = True  # sub-nets learn from the labels too; False = in-place distillation (KD only)
+    kd_norm: bool = False  # each depth's CE + KD terms divided by the sum of their current weights (a convex mix)
 
     def __post_init__(self) -> None:
         _finite("coop", self)

@@ -174,3 +174,26 @@ def test_head_norm_gives_the_classifier_normalised_features_at_every_depth():
     net = build_model("resnet20", [0.5, 1.0], width=4, in_channels=1, head_norm=True)
     head = net.backbone.avgpool[1]
     assert head.running_mean.shape == (2, 16)  # one row of statistics per depth
+
+
+def test_kd_norm_divides_each_depth_by_its_current_weight_sum():
+    z = {n: torch.tensor([[0.0, v]]) for n, v in (("leader", 1.0), ("teammate_a", 0.0), ("teammate_b", -1.0))}
+    nets = {n: _Net(v) for n, v in z.items()}
+    base = dict(scaling_factors=(0.5, 1.0), temperature=1.0, kd_warmup=0.5, alpha=0.5, beta=2.0, gate_reg=0.1)
+    plain, normed = CooperativeTask(CoopConfig(**base)), CooperativeTask(CoopConfig(**base, kd_norm=True))
+    for step, r in ((0, 0.0), (2, 0.4), (9, 1.0)):
+        plain.set_progress(step, 10)
+        normed.set_progress(step, 10)
+        a, b = plain(nets, None, torch.tensor([0])), normed(nets, None, torch.tensor([0]))
+        full = 1.0 + r * 0.5 + r * 2.0  # CE + alpha * KD_peer + beta * KD_leader
+        sub = 1.0 + r + r * 0.5  # CE + KD_self + alpha * KD_peer
+        for key in a:
+            name, rest = key.split("/")
+            if name == "leader" or "gate_reg" in rest:
+                expected = a[key].item()  # the Leader has one weight (1); the regulariser is not a depth's term
+            else:
+                expected = a[key].item() / (full if rest.endswith("@1.0") else sub)
+            assert b[key].item() == pytest.approx(expected, rel=1e-6), (step, key)
+    # after the ramp a depth's weights sum to 1: its terms are a convex mix of label and teachers
+    sub_keys = [k for k in b if k.startswith("teammate_a/") and k.endswith("@0.5")]
+    assert len(sub_keys) == 3

@@ -83,6 +83,9 @@ class CooperativeTask:
                                    + r * KD(z_X^s, z_X) + r * alpha * KD(z_X^s, z_Y)
                                    (+ r * beta * KD(z_X^s, z_L) with coop.sub_guided)]
         Every net with learned gates (coop.gate_reg > 0): + gate_reg * sum_b (g_b - 1)^2.
+        With ``coop.kd_norm`` each depth's CE and KD terms are divided by the sum of their current
+        weights (1 + r * alpha + r * beta at s = 1; the bracket's weights at s < 1, w(s) kept), so a
+        depth's gradient is that of one CE term toward a convex mix of the label and its teachers.
         """
         c, t, r = self.cfg, self.cfg.temperature, self.kd_scale
         terms = {term_name(name, "ce", 1.0): cross_entropy(z, y, self.label_smoothing)}
@@ -94,7 +97,7 @@ class CooperativeTask:
             teammates = [soft[n] for n in (TEAMMATE_A, TEAMMATE_B) if n in soft]
             if c.leader_kd > 0 and teammates:
                 terms[term_name(name, "kd_team", 1.0)] = r * c.leader_kd * kd_loss(z, torch.stack(teammates).mean(0), t)
-            return terms
+            return self._normalised(name, terms) if c.kd_norm else terms
         peer = self.peer(name)
         if peer is not None and c.alpha > 0:
             terms[term_name(name, "kd_peer", 1.0)] = r * c.alpha * kd_loss(z, soft[peer], t)
@@ -112,7 +115,29 @@ class CooperativeTask:
                 terms[term_name(name, "kd_peer", s)] = w * r * c.alpha * kd_loss(zs, soft[peer], t)
             if c.sub_guided and c.leader and c.beta > 0:
                 terms[term_name(name, "kd_leader", s)] = w * r * c.beta * kd_loss(zs, soft[LEADER], t)
+        if c.kd_norm:
+            terms = self._normalised(name, terms)
         return terms
+
+    def depth_weight_sum(self, name: str, s: float) -> float:
+        """Sum of the current (ramped) weights of net ``name``'s CE and KD terms at depth ``s``, w(s) excluded."""
+        c, r = self.cfg, self.kd_scale
+        peer = r * c.alpha if self.peer(name) is not None else 0.0
+        if name == LEADER:
+            has_team = c.teammates > 0 and c.leader_kd > 0
+            return 1.0 + (r * c.leader_kd if has_team else 0.0)
+        if s == 1.0:
+            return 1.0 + peer + (r * c.beta if c.leader else 0.0)
+        guided = r * c.beta if (c.sub_guided and c.leader) else 0.0
+        return float(c.sub_ce) + (r if c.self_kd else 0.0) + peer + guided
+
+    def _normalised(self, name: str, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for key, value in terms.items():
+            term, s = key.split("/", 1)[1].split("@")
+            total = self.depth_weight_sum(name, float(s))
+            out[key] = value if term == "gate_reg" or total <= 0 else value / total
+        return out
 
     def num_terms(self, name: str) -> int:
         """How many loss terms net ``name`` sums (scales its clipping threshold with ``optim.clip_scale: terms``)."""
