@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from dist_coop.checkpoint import load_checkpoint
-from dist_coop.config import Config, config_from_dict, load_config, replace
+from dist_coop.config import Config, check_device, config_from_dict, load_config, replace
 from dist_coop.data import build_data
 from dist_coop.dist.env import DistInfo, close_distributed, init_distributed, single_process
 from dist_coop.evaluate import results_table
@@ -28,6 +29,7 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.threads)
     own_group = info is None
     if info is None:
+        require_device(cfg.train.device, "train.device")
         info = init_distributed(
             cfg.train.device,
             backend=cfg.dist.backend,
@@ -104,8 +106,23 @@ def _check_data_matches_model(cfg: Config, data) -> None:
         )
 
 
+def require_device(name: str, field: str) -> None:
+    """The device named by ``field`` is a valid name and present on this machine (ValueError saying which not)."""
+    check_device(name, field)
+    if not name.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        build = "" if torch.version.cuda else f" (and torch {torch.__version__} is built without CUDA)"
+        raise ValueError(f"{field} is {name!r} but no CUDA GPU is present on this machine{build}; use auto or cpu")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= count:
+        raise ValueError(f"{field} is {name!r} but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}")
+
+
 def load_trainer(path: str | Path, device: str = "auto") -> tuple[Trainer, Path]:
     """A one-process Trainer holding the nets of a checkpoint folder (or a run directory's latest)."""
+    require_device(device, "--device")
     folder = Path(path)
     if not (folder / TRAINER_STATE).is_file():
         latest = latest_checkpoint(folder)
@@ -169,16 +186,26 @@ def write_shards_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user error (ValueError, FileNotFoundError) is one line on stderr and exit code 2
+    (a diverged run: exit code 1); ``--debug`` adds the traceback."""
+    debug_help = "on an error, print the traceback too (default: one line)"
     parser = argparse.ArgumentParser(prog="dist-coop", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command too; SUPPRESS keeps one given before
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train the cooperative nets (overrides: --section.key=value)")
+    p_train = sub.add_parser(
+        "train", parents=[common], help="train the cooperative nets (overrides: --section.key=value)"
+    )
     p_train.add_argument(
         "--config", default=None, help="YAML config, e.g. configs/quickstart.yaml (default: built-in defaults)"
     )
-    p_eval = sub.add_parser("eval", help="evaluate a checkpoint (folder, or a run directory) at every depth")
+    p_eval = sub.add_parser(
+        "eval", parents=[common], help="evaluate a checkpoint (folder, or a run directory) at every depth"
+    )
     p_eval.add_argument("checkpoint")
     p_eval.add_argument("--device", default="auto")
-    p_shards = sub.add_parser("shards", help="write a dataset as webdataset tar shards + index.json")
+    p_shards = sub.add_parser("shards", parents=[common], help="write a dataset as webdataset tar shards + index.json")
     p_shards.add_argument("--source", default="", choices=["", "tiny_imagenet", "cifar", "folder", "bundled"])
     p_shards.add_argument(
         "--video", action="store_true", help="--root holds class folders of video clips: frames become samples (ffmpeg)"
@@ -212,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from dist_coop.infer import commands as infer_commands
 
-    infer_commands.add_parsers(sub)
+    infer_commands.add_parsers(sub, parents=[common])
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "train":
@@ -229,12 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             print(evaluate_checkpoint(args.checkpoint, args.device))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"dist-coop: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"dist-coop: error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, NonFiniteError) else 2
     except Preempted as e:
         print(f"dist-coop: {e}", file=sys.stderr)
         return EXIT_PREEMPTED

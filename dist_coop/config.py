@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,15 @@ def _finite(section: str, obj: object) -> None:
         for v in value if isinstance(value, tuple) else (value,):
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{section}.{f.name} must be finite, got {v}")
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def check_device(value: str, name: str = "train.device") -> None:
+    """A device name this project runs on (whether that device is present is checked at start)."""
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ValueError(f"{name} must be one of {', '.join(DEVICES)} (N: a GPU index), got {value!r}")
 
 
 def _positive(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -206,6 +216,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _finite("train", self)
+        check_device(self.device)
         _positive("train", "epochs", self.epochs)
         for name in ("max_steps", "threads", "checkpoint_every", "recalibrate_bn"):
             _positive("train", name, getattr(self, name), allow_zero=True)
@@ -354,9 +365,46 @@ def parse_overrides(args: typing.Sequence[str]) -> dict[str, dict[str, Any]]:
             key, text = arg[2:], items[i + 1]
             i += 1
         section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = yaml.safe_load(text) if text != "" else ""
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as e:
+            mark = _mark(e)
+            where = f" (column {mark.column + 1} of {text!r})" if mark else ""
+            raise ValueError(
+                f"override --{key}={text} does not parse as a YAML value: {_yaml_problem(e)}{where}"
+            ) from e
+        out.setdefault(section, {})[name] = value
         i += 1
     return out
+
+
+def _mark(e: yaml.YAMLError) -> yaml.Mark | None:
+    return getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML says went wrong, on one line: "while parsing a flow sequence started at ..., expected ..."."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return " ".join(str(e).split())
+    context = e.context or ""
+    problem, mark = e.problem or "", e.problem_mark
+    if context and e.context_mark and (mark is None or e.context_mark.line != mark.line):
+        context += f" started at line {e.context_mark.line + 1}, column {e.context_mark.column + 1}"
+    return ", ".join(" ".join(part.split()) for part in (context, problem) if part) or "invalid YAML"
+
+
+def _read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` of a file; a syntax error names the file, line and column."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file (byte {e.start} is not UTF-8)") from e
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = _mark(e)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"YAML error in {path}{where}: {_yaml_problem(e)}") from e
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -364,9 +412,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config {path} is a folder, not a YAML file")
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a config must be a mapping of sections")
     for section, values in parse_overrides(overrides).items():

@@ -10,13 +10,17 @@ import torch
 
 from dist_coop.infer.budget import choose_depth
 from dist_coop.infer.controller import AdaptiveRunner, DepthController
-from dist_coop.infer.export import FORMATS, export
+from dist_coop.infer.export import FORMATS, check_out_path, export
 from dist_coop.infer.profile import Profile, profile_net
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub, parents: list[argparse.ArgumentParser] | None = None) -> None:
+    """``profile``, ``export`` and ``stream``; ``parents`` hold the options every command shares."""
+    parents = parents or []
     p = sub.add_parser(
-        "profile", help="per-depth FLOPs, params, latency and accuracy of a trained net; budget -> depth"
+        "profile",
+        parents=parents,
+        help="per-depth FLOPs, params, latency and accuracy of a trained net; budget -> depth",
     )
     p.add_argument("run", help="a run directory or checkpoint folder")
     p.add_argument("--net", default="teammate_a")
@@ -27,13 +31,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-latency-ms", type=float)
     p.add_argument("--max-params", type=int)
     p.add_argument("--budget-batch", type=int, default=1, help="batch size the latency budget refers to")
-    e = sub.add_parser("export", help="a static sub-net at one depth: state_dict, torchscript or onnx")
+    e = sub.add_parser("export", parents=parents, help="a static sub-net at one depth: state_dict, torchscript or onnx")
     e.add_argument("run")
     e.add_argument("--net", default="teammate_a")
     e.add_argument("--depth", type=float, required=True)
     e.add_argument("--format", choices=FORMATS, default="torchscript")
     e.add_argument("--out", required=True)
-    s = sub.add_parser("stream", help="classify a video's frames, the controller holding a latency target")
+    s = sub.add_parser(
+        "stream", parents=parents, help="classify a video's frames, the controller holding a latency target"
+    )
     s.add_argument("video")
     s.add_argument("--run", required=True, help="a run directory or checkpoint folder")
     s.add_argument("--net", default="teammate_a")
@@ -119,6 +125,8 @@ def _log_to_mlflow(trainer, folder: Path, profile: Profile, net: str, path: Path
 def export_command(args: argparse.Namespace) -> Path:
     from dist_coop.cli import load_trainer
 
+    suffix = "onnx" if args.format == "onnx" else "pt"
+    check_out_path(args.out, "--out", f"{args.net}_{args.depth:g}.{suffix}")  # before the nets are loaded
     trainer, _ = load_trainer(args.run, "cpu")
     path = export(_net(trainer, args.net), args.depth, args.out, args.format, trainer.data.input_shape)
     print(f"depth {args.depth} of {args.net} written as {args.format} to {path}")
@@ -129,12 +137,12 @@ def stream_command(args: argparse.Namespace) -> str:
     from dist_coop.cli import load_trainer
     from dist_coop.infer.stream import clip_fps, plot_stream, run_stream, summarize, video_frames
 
+    fps = args.fps or clip_fps(args.video)  # a missing, unreadable or audio-only file fails here, before the nets load
     if args.threads:
         torch.set_num_threads(args.threads)
     trainer, _ = load_trainer(args.run, args.device)
     net = _net(trainer, args.net)
     c, h, w = trainer.data.input_shape
-    fps = args.fps or clip_fps(args.video)
     x = torch.zeros(1, c, h, w, device=trainer.device)
     from dist_coop.infer.profile import measure_latency
 

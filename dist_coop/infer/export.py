@@ -57,11 +57,25 @@ def kept_blocks(net: AdaptiveNet, s: float) -> list[int]:
     return [sum(m) for m in net.masks[s]]
 
 
+def check_out_path(path: str | Path, name: str = "path", example: str = "model.pt") -> Path:
+    """``path`` can become the exported file: not a folder (nor ending in a separator), and no file in the way
+    of its parent folders."""
+    text, path = str(path), Path(path)
+    if path.is_dir() or text.endswith(("/", "\\")):
+        raise ValueError(f"{name} {text} is a folder; give the file to write, e.g. {path / example}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name} {text}: {parent} is a file, not a folder")
+            break
+    return path
+
+
 def export(net: AdaptiveNet, s: float, path: str | Path, fmt: str, input_shape: tuple[int, ...]) -> Path:
     """Write depth ``s`` of ``net`` as ``state_dict`` (.pt), ``torchscript`` (.pt) or ``onnx`` (.onnx)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
-    path = Path(path)
+    path = check_out_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = static_subnet(net, s).cpu()
     example = torch.zeros(1, *input_shape)

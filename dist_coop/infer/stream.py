@@ -52,11 +52,35 @@ def video_frames(
             raise ValueError(f"ffmpeg cannot decode {path}: {err.strip().splitlines()[-1:] if err else ''}")
 
 
-def clip_fps(path: str | Path) -> float:
+def probe_video(path: str | Path) -> dict:
+    """ffprobe's description of the file's video stream; a missing file, one ffmpeg cannot read and one
+    without a picture stream (audio only; an MP3's cover art does not count) each raise naming the file and why."""
     import ffmpeg
 
-    info = next(s for s in ffmpeg.probe(str(path))["streams"] if s["codec_type"] == "video")
-    num, den = info["avg_frame_rate"].split("/")
+    if shutil.which("ffprobe") is None:
+        raise FileNotFoundError("the ffprobe binary is not installed (Debian/Ubuntu: apt-get install ffmpeg)")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"video {path} is a folder, not a video file")
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    try:
+        streams = ffmpeg.probe(str(path))["streams"]
+    except ffmpeg.Error as e:
+        lines = e.stderr.decode(errors="replace").strip().splitlines()
+        why = lines[-1].removeprefix(f"{path}: ") if lines else "ffprobe failed"
+        raise ValueError(f"{path} is not a video ffmpeg can read: {why}") from e
+    video = [s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")]
+    if not video:
+        kinds = sorted({s.get("codec_type", "unknown") for s in streams}) or ["no streams"]
+        has = " and ".join("a cover picture" if k == "video" else k for k in kinds)
+        raise ValueError(f"{path} has no video stream (it holds {has}): stream needs a video file")
+    return video[0]
+
+
+def clip_fps(path: str | Path) -> float:
+    """The clip's frame rate (25 where the file does not say); checks the file as ``probe_video`` does."""
+    num, den = probe_video(path)["avg_frame_rate"].split("/")
     return float(num) / float(den) if float(den) else 25.0
 
 
