@@ -127,7 +127,8 @@ def test_export_out_pointing_at_a_folder(run_dir, tmp_path):
     folder.mkdir()
     line = error_line(dist_coop("export", str(run_dir), "--depth", "0.5", "--out", str(folder)))
     assert (
-        line == f"dist-coop: error: --out {folder} is a folder; give the file to write, e.g. {folder}/teammate_a_0.5.pt"
+        line
+        == f"dist-coop: error: --out {folder} is a folder; give the file to write, e.g. {folder}/teammate_a_0.5.pt2"
     )
     assert not any(folder.iterdir())
     line = error_line(

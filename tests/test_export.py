@@ -1,4 +1,4 @@
-"""Static sub-nets: skipped blocks removed, BN baked in; same outputs as the adaptive net; TorchScript / ONNX."""
+"""Static sub-nets: skipped blocks removed, BN baked in; same outputs as the adaptive net; pt2 / ONNX / TorchScript."""
 
 import subprocess
 import sys
@@ -52,31 +52,66 @@ def test_state_dict_loads_into_static_architecture(tmp_path, head_norm):
     assert isinstance(cifar_resnet(20), ResNet)
 
 
-def test_torchscript_runs_without_dist_coop(tmp_path):
-    net = _trained_like()
-    path = export(net, 0.25, tmp_path / "sub.ts", "torchscript", (1, 20, 20))
-    x = torch.randn(2, 1, 20, 20)
-    torch.save(x, tmp_path / "x.pt")
+def _run_without_dist_coop(tmp_path, load: str, batches=(1, 5)) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Load an exported file with ``load`` (code giving ``m``) in a process where importing dist_coop fails, with
+    warnings about deprecated APIs as errors; returns (input, output) per batch size."""
+    xs = [torch.randn(b, 1, 20, 20) for b in batches]
+    torch.save(xs, tmp_path / "x.pt")
     code = (
         "import sys, torch; sys.modules['dist_coop'] = None\n"  # importing dist_coop would fail
-        f"m = torch.jit.load({str(path)!r}); x = torch.load({str(tmp_path / 'x.pt')!r})\n"
-        f"torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n"
+        f"{load}\nxs = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"torch.save([m(x) for x in xs], {str(tmp_path / 'y.pt')!r})\n"
+    )
+    flags = ["-W", "error::DeprecationWarning", "-W", "error::FutureWarning"]
+    subprocess.run([sys.executable, *flags, "-c", code], check=True, cwd=tmp_path)
+    return list(zip(xs, torch.load(tmp_path / "y.pt")))
+
+
+@pytest.mark.filterwarnings("error::DeprecationWarning", "error::FutureWarning")
+def test_pt2_loads_with_torch_export_and_takes_any_batch(tmp_path):
+    net = _trained_like(head_norm=True)
+    path = export(net, 0.5, tmp_path / "sub.pt2", "pt2", (1, 20, 20))
+    pairs = _run_without_dist_coop(tmp_path, f"m = torch.export.load({str(path)!r}).module()")
+    assert [x.shape[0] for x, _ in pairs] == [1, 5]
+    with torch.no_grad(), net.at_depth(0.5):
+        for x, y in pairs:
+            torch.testing.assert_close(y, net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("error::DeprecationWarning", "error::FutureWarning")
+def test_onnx_matches_in_onnxruntime_at_any_batch(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")  # the torch.export-based exporter needs it
+    net = _trained_like()
+    path = export(net, 0.5, tmp_path / "sub.onnx", "onnx", (1, 20, 20))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.onnx"]  # the weights are inside, no .data file
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"] and session.get_inputs()[0].shape[0] == "batch"
+    for batch in (1, 5):  # neither is the batch size the exporter traced with (2)
+        x = torch.randn(batch, 1, 20, 20)
+        (y,) = session.run(["logits"], {"image": x.numpy()})
+        assert y.shape == (batch, 10)
+        with torch.no_grad(), net.at_depth(0.5):
+            torch.testing.assert_close(torch.from_numpy(y), net(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy format: torch.jit is deprecated
+def test_legacy_torchscript_runs_without_dist_coop(tmp_path):
+    net = _trained_like()
+    path = export(net, 0.25, tmp_path / "sub.ts", "torchscript", (1, 20, 20))
+    xs = [torch.randn(2, 1, 20, 20)]
+    torch.save(xs, tmp_path / "x.pt")
+    code = (
+        "import sys, torch; sys.modules['dist_coop'] = None\n"
+        f"m = torch.jit.load({str(path)!r}); xs = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"torch.save([m(x) for x in xs], {str(tmp_path / 'y.pt')!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     with torch.no_grad(), net.at_depth(0.25):
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), net(x), rtol=1e-5, atol=1e-5)
-
-
-def test_onnx_matches_in_onnxruntime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    net = _trained_like()
-    path = export(net, 0.5, tmp_path / "sub.onnx", "onnx", (1, 20, 20))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.randn(5, 1, 20, 20)  # a batch size other than the export's: dynamic axis
-    (y,) = session.run(None, {"image": x.numpy()})
-    with torch.no_grad(), net.at_depth(0.5):
-        torch.testing.assert_close(torch.from_numpy(y), net(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt")[0], net(xs[0]), rtol=1e-5, atol=1e-5)
 
 
 def test_export_errors():

@@ -1,6 +1,9 @@
 """Cost profile, budget -> depth, and the run-time controller."""
 
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,8 +124,13 @@ def test_profile_export_stream_commands_on_a_trained_run(tmp_path, fmnist_root, 
     assert "ms@b4" in out and f"budget -> depth {best.s} " in out
     assert main(["profile", run, "--repeats", "1", "--max-gflops", "1e-9"]) == 2  # nothing fits: a clear error
     assert "no depth fits the budget" in capsys.readouterr().err
-    assert main(["export", run, "--depth", "0.25", "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
-    assert torch.jit.load(str(tmp_path / "m.ts"))(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    _export_with_deprecations_as_errors(run, tmp_path)
+    with pytest.warns(DeprecationWarning):  # the legacy format still works, and says it is legacy
+        assert main(["export", run, "--depth", "0.25", "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
+    assert "torchscript is legacy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "torchscript: legacy, torch.jit is deprecated" in " ".join(capsys.readouterr().out.split())
     clip = make_clip(tmp_path / "clip.mp4", size="64x48")
     assert (
         main(["stream", str(clip), "--run", run, "--target-ms", "1000", "--no-pace", "--plot", str(tmp_path / "s.png")])
@@ -131,3 +139,29 @@ def test_profile_export_stream_commands_on_a_trained_run(tmp_path, fmnist_root, 
     out = capsys.readouterr().out
     assert "frame    19" in out and "20 frames, target 1000 ms: 100.0 % met; mean depth 1.000" in out
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def _export_with_deprecations_as_errors(run: str, tmp_path: Path) -> None:
+    """The real CLI in a fresh interpreter, deprecation and future warnings as errors: the default format (pt2)
+    and ONNX, each equal to the adaptive net at that depth at batch 1 and 5."""
+    from dist_coop.cli import load_trainer
+
+    flags = ["-W", "error::DeprecationWarning", "-W", "error::FutureWarning"]
+    cli = [sys.executable, *flags, "-m", "dist_coop.cli", "export", run, "--depth", "0.5"]
+    for out, extra in (("m.pt2", []), ("m.onnx", ["--format", "onnx"])):
+        done = subprocess.run([*cli, *extra, "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert "Warning" not in done.stderr, done.stderr
+        assert f"written as {'onnx' if extra else 'pt2'} to" in done.stdout
+    net = load_trainer(run, "cpu")[0].nets["teammate_a"].eval()
+    program = torch.export.load(tmp_path / "m.pt2").module()
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad(), net.at_depth(0.5):
+            expected = net(x)
+        torch.testing.assert_close(program(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), expected, rtol=1e-4, atol=1e-4
+        )

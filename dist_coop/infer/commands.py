@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from dist_coop.infer.budget import choose_depth
 from dist_coop.infer.controller import AdaptiveRunner, DepthController
-from dist_coop.infer.export import FORMATS, check_out_path, export
+from dist_coop.infer.export import DEFAULT_FORMAT, FORMATS, LEGACY_FORMATS, SUFFIXES, check_out_path, export
 from dist_coop.infer.profile import Profile, profile_net
 
 
@@ -31,11 +32,20 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser] | None = None) -> No
     p.add_argument("--max-latency-ms", type=float)
     p.add_argument("--max-params", type=int)
     p.add_argument("--budget-batch", type=int, default=1, help="batch size the latency budget refers to")
-    e = sub.add_parser("export", parents=parents, help="a static sub-net at one depth: state_dict, torchscript or onnx")
+    e = sub.add_parser(
+        "export", parents=parents, help="a static sub-net at one depth: pt2 (torch.export), onnx, state_dict"
+    )
     e.add_argument("run")
     e.add_argument("--net", default="teammate_a")
     e.add_argument("--depth", type=float, required=True)
-    e.add_argument("--format", choices=FORMATS, default="torchscript")
+    e.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=DEFAULT_FORMAT,
+        help=f"pt2: torch.export program, load with torch.export.load (default: {DEFAULT_FORMAT}); onnx: the "
+        "torch.export-based exporter, dynamic batch; state_dict: weights + blocks per stage; torchscript: "
+        "legacy, torch.jit is deprecated in torch",
+    )
     e.add_argument("--out", required=True)
     s = sub.add_parser(
         "stream", parents=parents, help="classify a video's frames, the controller holding a latency target"
@@ -125,8 +135,13 @@ def _log_to_mlflow(trainer, folder: Path, profile: Profile, net: str, path: Path
 def export_command(args: argparse.Namespace) -> Path:
     from dist_coop.cli import load_trainer
 
-    suffix = "onnx" if args.format == "onnx" else "pt"
-    check_out_path(args.out, "--out", f"{args.net}_{args.depth:g}.{suffix}")  # before the nets are loaded
+    check_out_path(args.out, "--out", f"{args.net}_{args.depth:g}.{SUFFIXES[args.format]}")  # before loading nets
+    if args.format in LEGACY_FORMATS:
+        print(
+            f"dist-coop: note: {args.format} is legacy (torch.jit is deprecated in torch {torch.__version__}); "
+            "prefer --format pt2 or onnx",
+            file=sys.stderr,
+        )
     trainer, _ = load_trainer(args.run, "cpu")
     path = export(_net(trainer, args.net), args.depth, args.out, args.format, trainer.data.input_shape)
     print(f"depth {args.depth} of {args.net} written as {args.format} to {path}")

@@ -3,12 +3,18 @@
 ``static_subnet(net, s)`` returns a plain PyTorch module of the backbone's own class (our
 ``ResNet`` or torchvision's) whose stages hold only the kept blocks and whose norms are plain
 ``nn.BatchNorm2d`` carrying depth s's statistics and affine parameters (gate folded in). It needs
-nothing from dist_coop to run; TorchScript and ONNX files of it run without dist_coop installed.
+nothing from dist_coop to run; its ``pt2`` (``torch.export``), ONNX and TorchScript files run without
+dist_coop installed. ``pt2`` and ONNX both go through ``torch.export`` with a dynamic batch dimension;
+TorchScript (``torch.jit``) is deprecated in torch and kept only as a legacy choice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,7 +23,10 @@ from torch import nn
 from dist_coop.models.adaptive import AdaptiveNet, DepthStage
 from dist_coop.models.norm import DepthBatchNorm2d
 
-FORMATS = ("state_dict", "torchscript", "onnx")
+FORMATS = ("pt2", "onnx", "state_dict", "torchscript")
+DEFAULT_FORMAT = "pt2"
+LEGACY_FORMATS = ("torchscript",)  # torch.jit.trace/save/load print DeprecationWarnings since torch 2.10
+SUFFIXES = {"pt2": "pt2", "onnx": "onnx", "state_dict": "pt", "torchscript": "ts"}
 
 
 def _plain_bn(norm: DepthBatchNorm2d, index: int) -> nn.BatchNorm2d:
@@ -72,13 +81,13 @@ def check_out_path(path: str | Path, name: str = "path", example: str = "model.p
 
 
 def export(net: AdaptiveNet, s: float, path: str | Path, fmt: str, input_shape: tuple[int, ...]) -> Path:
-    """Write depth ``s`` of ``net`` as ``state_dict`` (.pt), ``torchscript`` (.pt) or ``onnx`` (.onnx)."""
+    """Write depth ``s`` of ``net`` as ``pt2`` (``torch.export.save``; load with ``torch.export.load``),
+    ``onnx``, ``state_dict`` or the legacy ``torchscript``. pt2 and ONNX take any batch size."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     path = check_out_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = static_subnet(net, s).cpu()
-    example = torch.zeros(1, *input_shape)
     if fmt == "state_dict":
         torch.save(
             {
@@ -89,16 +98,54 @@ def export(net: AdaptiveNet, s: float, path: str | Path, fmt: str, input_shape: 
             },
             path,
         )
-    elif fmt == "torchscript":
-        torch.jit.save(torch.jit.trace(module, example), str(path))
+    elif fmt == "pt2":
+        torch.export.save(export_program(module, input_shape), path)
+    elif fmt == "onnx":
+        _export_onnx(module, input_shape, path)
     else:
+        torch.jit.save(torch.jit.trace(module, torch.zeros(1, *input_shape)), str(path))
+    return path
+
+
+def export_program(module: nn.Module, input_shape: tuple[int, ...]) -> torch.export.ExportedProgram:
+    """``torch.export`` of a plain module with the batch dimension dynamic (traced at batch 2: a batch of 1
+    would be specialised to 1)."""
+    batch = torch.export.Dim("batch", min=1)
+    return torch.export.export(module, (torch.zeros(2, *input_shape),), dynamic_shapes=({0: batch},))
+
+
+def _export_onnx(module: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
+    """The ``torch.export``-based ONNX exporter (``dynamo=True``): one self-contained file, input ``image`` and
+    output ``logits`` with a dynamic ``batch`` dimension."""
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet_onnx_exporter():
         torch.onnx.export(
             module,
-            (example,),
+            (torch.zeros(2, *input_shape),),
             str(path),
             input_names=["image"],
             output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
+            dynamic_shapes=({0: batch},),
+            external_data=False,  # weights inside the .onnx file (small nets; the 2 GB limit is far)
+            dynamo=True,
+            verbose=False,
         )
-    return path
+
+
+@contextlib.contextmanager
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """Silence two things of torch 2.13's ONNX exporter that are not about our model: its log lines that
+    torchvision's ops are not registered (torchvision is optional here), and the FutureWarning that its own
+    ``run_decompositions`` raises by deep-copying torch's deprecated ``LeafSpec`` singleton (torch-internal;
+    nothing we call is deprecated). Every other warning still reaches the caller."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+            )
+            yield
+    finally:
+        registration.setLevel(level)
