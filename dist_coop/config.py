@@ -100,7 +100,8 @@ class CoopConfig:
     beta: float = 1.0  # guided: weight of KD from the Leader
     gamma: float = 1.0  # SFSL exponent; 0 = uniform weights
     leader_kd: float = 0.0  # Leader's KD from the Teammates' mean (off by default)
-    kd_warmup: float = 0.3  # fraction of training over which every KD weight ramps linearly from 0 to its value
+    kd_warmup: float = 0.3  # fraction of training over which KD weights ramp in from 0 (peer: peer_warmup)
+    peer_warmup: float = 0.3  # the same for the interactive (alpha, peer KD) terms alone
     gate_reg: float = 0.0  # weight of sum_b (g_b - 1)^2 over the learned gates (0 = off)
     sub_guided: bool = False  # sub-nets also distil from the Leader (beta * KD(z_X^s, z_L))
     sub_ce: bool = True  # sub-nets learn from the labels too; False = in-place distillation (KD only)
@@ -122,8 +123,9 @@ class CoopConfig:
         _positive("coop", "temperature", self.temperature)
         for name in ("alpha", "beta", "gamma", "leader_kd", "gate_reg"):
             _positive("coop", name, getattr(self, name), allow_zero=True)
-        if not 0.0 <= self.kd_warmup <= 1.0:
-            raise ValueError(f"coop.kd_warmup is a fraction of training in [0, 1], got {self.kd_warmup}")
+        for name in ("kd_warmup", "peer_warmup"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"coop.{name} is a fraction of training in [0, 1], got {getattr(self, name)}")
         if self.beta > 0 and not self.leader:
             raise ValueError("coop.beta > 0 needs coop.leader: true (or set coop.beta: 0)")
         if not self.sub_ce and not (self.self_kd or (self.teammates == 2 and self.alpha > 0)):

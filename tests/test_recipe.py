@@ -81,7 +81,9 @@ class _Net:
 def test_ramp_scales_every_kd_term_and_num_terms_counts_them():
     z = {n: torch.tensor([[0.0, v]]) for n, v in (("leader", 1.0), ("teammate_a", 0.0), ("teammate_b", -1.0))}
     nets = {n: _Net(v) for n, v in z.items()}
-    cfg = CoopConfig(scaling_factors=(0.5, 1.0), temperature=1.0, kd_warmup=0.5, gate_reg=0.1, sub_guided=True)
+    cfg = CoopConfig(
+        scaling_factors=(0.5, 1.0), temperature=1.0, kd_warmup=0.5, peer_warmup=0.5, gate_reg=0.1, sub_guided=True
+    )
     task = CooperativeTask(cfg)
     task.set_progress(0, 10)
     first = task(nets, None, torch.tensor([0]))
@@ -179,7 +181,9 @@ def test_head_norm_gives_the_classifier_normalised_features_at_every_depth():
 def test_kd_norm_divides_each_depth_by_its_current_weight_sum():
     z = {n: torch.tensor([[0.0, v]]) for n, v in (("leader", 1.0), ("teammate_a", 0.0), ("teammate_b", -1.0))}
     nets = {n: _Net(v) for n, v in z.items()}
-    base = dict(scaling_factors=(0.5, 1.0), temperature=1.0, kd_warmup=0.5, alpha=0.5, beta=2.0, gate_reg=0.1)
+    base = dict(
+        scaling_factors=(0.5, 1.0), temperature=1.0, kd_warmup=0.5, peer_warmup=0.5, alpha=0.5, beta=2.0, gate_reg=0.1
+    )
     plain, normed = CooperativeTask(CoopConfig(**base)), CooperativeTask(CoopConfig(**base, kd_norm=True))
     for step, r in ((0, 0.0), (2, 0.4), (9, 1.0)):
         plain.set_progress(step, 10)
@@ -197,3 +201,25 @@ def test_kd_norm_divides_each_depth_by_its_current_weight_sum():
     # after the ramp a depth's weights sum to 1: its terms are a convex mix of label and teachers
     sub_keys = [k for k in b if k.startswith("teammate_a/") and k.endswith("@0.5")]
     assert len(sub_keys) == 3
+
+
+def test_peer_warmup_ramps_the_peer_terms_alone():
+    z = {n: torch.tensor([[0.0, v]]) for n, v in (("leader", 1.0), ("teammate_a", 0.0), ("teammate_b", -1.0))}
+    nets = {n: _Net(v) for n, v in z.items()}
+    cfg = CoopConfig(scaling_factors=(0.5, 1.0), temperature=1.0, kd_warmup=0.2, peer_warmup=1.0)
+    task = CooperativeTask(cfg)
+    task.set_progress(9, 10)
+    late = task(nets, None, torch.tensor([0]))
+    task.set_progress(10, 10)
+    done = task(nets, None, torch.tensor([0]))
+    task.set_progress(3, 10)  # kd ramp: min(1, 3 / 2) = 1; peer ramp: 3 / 10
+    mid = task(nets, None, torch.tensor([0]))
+    for key in done:
+        if "/kd_peer" in key:
+            assert mid[key].item() == pytest.approx(0.3 * done[key].item(), rel=1e-6)
+            assert late[key].item() == pytest.approx(0.9 * done[key].item(), rel=1e-6)
+        else:
+            assert mid[key].item() == pytest.approx(done[key].item(), rel=1e-6)
+    assert any("/kd_peer" in k for k in done) and any("/kd_self" in k for k in done)
+    with pytest.raises(ValueError, match="coop.peer_warmup"):
+        CoopConfig(peer_warmup=1.5)

@@ -52,6 +52,7 @@ class CooperativeTask:
         self.sub_factors = tuple(s for s in self.factors if s < 1.0) if coop.sub_nets else ()
         self.weights = sfsl_weights(self.sub_factors, coop.gamma)
         self.kd_scale = 1.0  # the distillation ramp at the current step (set_progress)
+        self.peer_scale = 1.0  # the ramp of the interactive (peer KD) terms
         teammates = (TEAMMATE_A, TEAMMATE_B)[: coop.teammates]
         trained = (*self.sub_factors, 1.0)
         self.specs = ([NetSpec(LEADER, True, self.factors)] if coop.leader else []) + [
@@ -61,6 +62,7 @@ class CooperativeTask:
     def set_progress(self, step: int, total_steps: int) -> None:
         """Called by the loop before each step: distillation weights ramp in over ``coop.kd_warmup``."""
         self.kd_scale = kd_ramp(step, total_steps, self.cfg.kd_warmup)
+        self.peer_scale = kd_ramp(step, total_steps, self.cfg.peer_warmup)
 
     def peer(self, name: str) -> str | None:
         if self.cfg.teammates < 2:
@@ -76,18 +78,19 @@ class CooperativeTask:
     ) -> dict[str, Tensor]:
         """Loss terms of net ``name``; ``z`` its full-depth logits, ``soft`` every net's detached full logits.
 
-        With r the distillation ramp (``kd_ramp``, 1 after ``coop.kd_warmup``):
+        With r the distillation ramp (``kd_ramp``, 1 after ``coop.kd_warmup``) and p that of the
+        peer terms (1 after ``coop.peer_warmup``):
         Leader:            CE(z_L, y) + r * leader_kd * KD(z_L, mean(z_A, z_B))
-        Teammate X, s=1:   CE(z_X, y) + r * alpha * KD(z_X, z_Y) + r * beta * KD(z_X, z_L)
+        Teammate X, s=1:   CE(z_X, y) + p * alpha * KD(z_X, z_Y) + r * beta * KD(z_X, z_L)
         Teammate X, s<1:   w(s) * [CE(z_X^s, y) (unless coop.sub_ce: false, in-place distillation)
-                                   + r * KD(z_X^s, z_X) + r * alpha * KD(z_X^s, z_Y)
+                                   + r * KD(z_X^s, z_X) + p * alpha * KD(z_X^s, z_Y)
                                    (+ r * beta * KD(z_X^s, z_L) with coop.sub_guided)]
         Every net with learned gates (coop.gate_reg > 0): + gate_reg * sum_b (g_b - 1)^2.
         With ``coop.kd_norm`` each depth's CE and KD terms are divided by the sum of their current
         weights (1 + r * alpha + r * beta at s = 1; the bracket's weights at s < 1, w(s) kept), so a
         depth's gradient is that of one CE term toward a convex mix of the label and its teachers.
         """
-        c, t, r = self.cfg, self.cfg.temperature, self.kd_scale
+        c, t, r, p = self.cfg, self.cfg.temperature, self.kd_scale, self.peer_scale
         terms = {term_name(name, "ce", 1.0): cross_entropy(z, y, self.label_smoothing)}
         if c.gate_reg > 0:
             gates = [g for stage in net.stage_gates() for g in stage]
@@ -100,7 +103,7 @@ class CooperativeTask:
             return self._normalised(name, terms) if c.kd_norm else terms
         peer = self.peer(name)
         if peer is not None and c.alpha > 0:
-            terms[term_name(name, "kd_peer", 1.0)] = r * c.alpha * kd_loss(z, soft[peer], t)
+            terms[term_name(name, "kd_peer", 1.0)] = p * c.alpha * kd_loss(z, soft[peer], t)
         if c.leader and c.beta > 0:
             terms[term_name(name, "kd_leader", 1.0)] = r * c.beta * kd_loss(z, soft[LEADER], t)
         for s in self.sub_factors:
@@ -112,7 +115,7 @@ class CooperativeTask:
             if c.self_kd:
                 terms[term_name(name, "kd_self", s)] = w * r * kd_loss(zs, soft[name], t)
             if peer is not None and c.alpha > 0:
-                terms[term_name(name, "kd_peer", s)] = w * r * c.alpha * kd_loss(zs, soft[peer], t)
+                terms[term_name(name, "kd_peer", s)] = w * p * c.alpha * kd_loss(zs, soft[peer], t)
             if c.sub_guided and c.leader and c.beta > 0:
                 terms[term_name(name, "kd_leader", s)] = w * r * c.beta * kd_loss(zs, soft[LEADER], t)
         if c.kd_norm:
@@ -122,7 +125,7 @@ class CooperativeTask:
     def depth_weight_sum(self, name: str, s: float) -> float:
         """Sum of the current (ramped) weights of net ``name``'s CE and KD terms at depth ``s``, w(s) excluded."""
         c, r = self.cfg, self.kd_scale
-        peer = r * c.alpha if self.peer(name) is not None else 0.0
+        peer = self.peer_scale * c.alpha if self.peer(name) is not None else 0.0
         if name == LEADER:
             has_team = c.teammates > 0 and c.leader_kd > 0
             return 1.0 + (r * c.leader_kd if has_team else 0.0)
