@@ -1,4 +1,4 @@
-"""``dist-coop train|eval``: the command line."""
+"""``dist-coop train|eval|shards|profile|export|stream|ui``: the command line."""
 
 from __future__ import annotations
 
@@ -63,9 +63,7 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
                 raise
             end_run(tracker)
             if info.is_main and getattr(tracker, "uri", ""):
-                print(
-                    f"MLflow run {tracker.run_id} in {tracker.uri}  (view: mlflow ui --backend-store-uri {tracker.uri})"
-                )
+                print(f"MLflow run {tracker.run_id} in {tracker.uri}; browse it with: dist-coop ui {run_dir}")
             return results
         finally:
             if own_group:
@@ -237,9 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["error", "skip"],
         help="a file that does not decode: stop naming it (error), or leave it out and list it in index.json (skip)",
     )
+    from dist_coop import ui
     from dist_coop.infer import commands as infer_commands
 
     infer_commands.add_parsers(sub, parents=[common])
+    ui.add_parser(sub, parents=[common])
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "train":
@@ -248,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             infer_commands.COMMANDS[args.command](args)
+        elif args.command == "ui":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            return ui.ui_command(args)
         elif args.command == "shards":
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
