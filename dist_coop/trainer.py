@@ -185,6 +185,8 @@ class Trainer:
     def train(self, stop_at_step: int | None = None) -> dict[str, float]:
         """Train to ``total_steps`` (or stop early at ``stop_at_step``, as a crash would); returns final metrics.
 
+        The last evaluation is returned, not logged: ``finish`` logs the final metrics, once per key.
+
         When a rank is asked to stop (SIGTERM), every rank finishes the same step, the epoch's
         evaluation if that step ends an epoch, saves a checkpoint and raises ``Preempted``.
         """
@@ -224,7 +226,8 @@ class Trainer:
             if epoch_done and ((epoch + 1) % cfg.eval_every == 0 or self.step == self.total_steps):
                 metrics = self.evaluate("trained")
                 self.evaluated_at = self.step
-                self.tracker.log_metrics(self.step, metrics)
+                if self.step < self.total_steps:  # the final metrics are logged once, by finish()
+                    self.tracker.log_metrics(self.step, metrics)
                 self.log(f"epoch {epoch + 1}: " + self.summary(metrics))
             if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save()

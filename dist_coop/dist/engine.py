@@ -243,6 +243,8 @@ def deepspeed_config(cfg, *, micro_batch: int, dp_size: int, max_norm: float | N
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # every rank saves under the same tag (DeepSpeedEngine.save): a differing one is a bug, not a warning
+        "checkpoint": {"tag_validation": "Fail"},
     }
     for key, value in cfg.dist.deepspeed_extra.items():
         if isinstance(value, dict) and isinstance(ds.get(key), dict):
@@ -319,9 +321,18 @@ class DeepSpeedEngine(_NetAccess):
         return grad_stats(float(norm), self.max_norm)
 
     def save(self, folder: Path, name: str) -> None:
-        self.engine.save_checkpoint(str(folder), tag=name, save_latest=False)
+        """Into ``<folder>/<name>/<folder name>/`` (e.g. ``step_00000010/leader/step_00000010/``).
+
+        DeepSpeed's tag must be the same on every rank: its save compares it over all ranks of the job, not
+        the net's group. In the split placement each rank saves a different net at the same moment, so the
+        net goes into the save folder and the tag is the step, which every rank shares.
+        """
+        self.engine.save_checkpoint(str(folder / name), tag=folder.name, save_latest=False)
 
     def load(self, folder: Path, name: str) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=name)
+        save_dir, tag = folder / name, folder.name
+        if not (save_dir / tag).is_dir():  # the layout before the shared tag: <folder>/<name>/ as the tag
+            save_dir, tag = folder, name
+        path, _ = self.engine.load_checkpoint(str(save_dir), tag=tag)
         if path is None:
             raise ValueError(f"DeepSpeed checkpoint not found: {folder / name}")

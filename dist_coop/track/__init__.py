@@ -11,9 +11,10 @@ def build_tracker(cfg, *, run_name: str, out_dir: str | Path, run_id: str = "", 
     """The tracker for ``cfg`` (a ``TrackingConfig``); ``enabled=False`` (ranks other than 0) gives a null one."""
     if not enabled or cfg.backend == "none":
         return NullTracker()
-    from dist_coop.track.mlflow_tracker import MlflowTracker, default_uri
+    from dist_coop.track.mlflow_tracker import MlflowTracker, artifact_dir, default_uri
 
-    return MlflowTracker(cfg.uri or default_uri(out_dir), cfg.experiment, run_name, run_id)
+    uri = cfg.uri or default_uri(out_dir)
+    return MlflowTracker(uri, cfg.experiment, run_name, run_id, artifact_dir=artifact_dir(out_dir))
 
 
 __all__ = ["FAILED", "FINISHED", "KILLED", "NullTracker", "Tracker", "build_tracker", "error_line"]
