@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from dist_coop.config import load_config
 from dist_coop.data import build_data
 from dist_coop.dist.env import close_distributed, init_distributed
+from dist_coop.ports import free_port
 from dist_coop.trainer import Trainer
 
 
@@ -65,9 +65,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ranks", type=int, default=3)
     args, overrides = parser.parse_known_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     manager = torch.multiprocessing.Manager()
     out = manager.dict()
     torch.multiprocessing.spawn(

@@ -47,11 +47,6 @@ def sums_to_metrics(sums: Sequence[float]) -> dict[str, float]:
     return {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss_sum / n}
 
 
-def evaluate_depth(engine, batches: Iterable[tuple[Tensor, Tensor]], s: float, autocast=None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean CE loss of depth ``s``."""
-    return sums_to_metrics(evaluate_sums(engine, batches, s, autocast))
-
-
 def selected_depths(spec: NetSpec, which: str) -> list[float]:
     """``which``: "all", "trained" or "untrained" depths of ``spec`` (untrained ones need BN recalibration first)."""
     return [s for s in spec.eval_depths if which == "all" or (s in spec.trained_depths) == (which == "trained")]

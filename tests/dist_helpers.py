@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
 from dist_coop.config import load_config
 from dist_coop.data import build_data
 from dist_coop.dist.env import close_distributed, init_distributed
+from dist_coop.ports import free_port
 from dist_coop.trainer import Trainer
 
 TINY = [
@@ -27,12 +27,6 @@ TINY = [
     "--tracking.backend=none",
     "--train.threads=1",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_config(out_dir, *extra):

@@ -102,3 +102,7 @@ def test_shards_cover_training_and_validation_exactly_once():
     assert seen == list(range(103))
     with pytest.raises(ValueError, match="shard 3 is not in"):
         val.sharded(3, 3)
+    again = train.sharded(2, 3)  # every other setting kept, checked again by the constructor
+    assert (again.seed, again.augment, again.mean, again.shard, train.shard) == (1, False, (0.0,), 2, 0)
+    with pytest.raises(ValueError, match="larger than the training split"):
+        train.sharded(0, 11)

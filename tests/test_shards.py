@@ -204,6 +204,10 @@ def test_bad_input_names_the_file(tmp_path):
     assert n == 8 and stream.skipped == 1
     with pytest.warns(UserWarning, match="skipping corrupt sample"):  # a second evaluation: the count is per epoch
         assert sum(len(y) for _, y in stream.epoch(1)) == 8 and stream.skipped == 2
+    fresh = stream.sharded(0, 1)  # every setting kept, through the constructor: its counter starts afresh
+    assert (fresh.on_corrupt, fresh.seed, fresh.padding, fresh.skipped, stream.skipped) == ("skip", 3, 4, 0, 2)
+    with pytest.raises(ValueError, match=r"3 shard\(s\) .* for 4 data shard"):
+        stream.sharded(0, 4)
     # a truncated shard
     data = (s / "train-000000.tar").read_bytes()
     (s / "train-000000.tar").write_bytes(data[: len(data) // 3])
@@ -293,3 +297,27 @@ def test_video_clips_become_frame_shards(tmp_path):
         from dist_coop.data.video import video_folder
 
         video_folder(tmp_path / "clips")
+
+
+def test_one_ffmpeg_decoder_for_shards_and_streams(tmp_path):
+    """``ffmpeg_frames`` (also what ``dist-coop stream`` reads): gray or RGB at any size and rate, a consumer may
+    stop early, and ``decode_frames`` (the shard writer's) is its frames stacked."""
+    from dist_coop.data.video import decode_frames, ffmpeg_frames
+
+    clip = make_clip(tmp_path / "c.mp4", "testsrc2", rate=10, seconds=2)
+    gray = list(ffmpeg_frames(clip, height=6, width=8, channels=1))
+    assert len(gray) == 20 and gray[0].shape == (6, 8, 1) and gray[0].dtype == np.uint8
+    rgb = list(ffmpeg_frames(clip, height=16, width=16, fps=2))
+    assert len(rgb) == 4 and rgb[0].shape == (16, 16, 3)
+    np.testing.assert_array_equal(decode_frames(clip, fps=2, size=16), np.stack(rgb))
+    every = list(ffmpeg_frames(clip, height=16, width=16))
+    frames = ffmpeg_frames(clip, height=16, width=16)
+    first = next(frames)
+    frames.close()  # ffmpeg's broken pipe is not an error
+    assert len(every) == 20 and not np.array_equal(every[0], every[-1])
+    np.testing.assert_array_equal(first, every[0])
+    with pytest.raises(FileNotFoundError, match="video not found"):
+        next(ffmpeg_frames(tmp_path / "none.mp4", height=4, width=4))
+    (tmp_path / "text.mp4").write_text("not a video\n")
+    with pytest.raises(ValueError, match=r"ffmpeg cannot decode .*text.mp4: .*Invalid data"):
+        list(ffmpeg_frames(tmp_path / "text.mp4", height=4, width=4))

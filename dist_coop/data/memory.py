@@ -8,12 +8,13 @@ replays the uninterrupted one exactly and the trainer can start mid-epoch from `
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 from torch import Tensor
 
 from dist_coop.data.augment import augment_step, epoch_order, normalize
+from dist_coop.data.batches import Sharded
 
 
 @dataclass(frozen=True)
@@ -29,57 +30,39 @@ class Split:
         return self if n <= 0 or n >= len(self) else Split(self.images[:n], self.labels[:n])
 
 
-class MemoryBatches:
-    """Batches of a ``Split`` for training (shuffled, augmented, full batches) or evaluation (in order, all)."""
+@dataclass(eq=False, repr=False)
+class MemoryBatches(Sharded):
+    """Batches of a ``Split`` for training (shuffled, augmented, full batches) or evaluation (in order, all).
 
-    def __init__(
-        self,
-        split: Split,
-        *,
-        batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        train: bool,
-        seed: int = 0,
-        padding: int = 0,
-        augment: bool = True,
-        device: torch.device | str = "cpu",
-        shard: int = 0,
-        num_shards: int = 1,
-    ) -> None:
-        if not 0 <= shard < num_shards:
-            raise ValueError(f"shard {shard} is not in [0, {num_shards})")
-        if train and len(split) < batch_size * num_shards:
+    Data shard k of n (``sharded(k, n)``): in training, step t of an epoch takes a global batch of
+    ``batch_size * n`` samples of the epoch's permutation and shard k reads the k-th ``batch_size`` of
+    it; its augmentation is seeded by (seed, epoch, t, k), so every rank reading shard k (an exchange
+    group) sees the same pixels. In evaluation shard k reads the k-th contiguous chunk of the split, so
+    the shards together cover every sample exactly once.
+    """
+
+    split: Split
+    _: KW_ONLY
+    batch_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    train: bool
+    seed: int = 0
+    padding: int = 0
+    augment: bool = True
+    device: torch.device | str = "cpu"
+    shard: int = 0
+    num_shards: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard < self.num_shards:
+            raise ValueError(f"shard {self.shard} is not in [0, {self.num_shards})")
+        if self.train and len(self.split) < self.batch_size * self.num_shards:
             raise ValueError(
-                f"data.batch_size {batch_size} x {num_shards} data shards is larger than the training split ({len(split)} samples)"
+                f"data.batch_size {self.batch_size} x {self.num_shards} data shards is larger than the training "
+                f"split ({len(self.split)} samples)"
             )
-        self.split, self.batch_size, self.train = split, batch_size, train
-        self.mean, self.std, self.seed = tuple(mean), tuple(std), seed
-        self.padding, self.augment, self.device = padding, augment, torch.device(device)
-        self.shard, self.num_shards = shard, num_shards
-
-    def sharded(self, shard: int, num_shards: int) -> MemoryBatches:
-        """The same stream, reading data shard ``shard`` of ``num_shards``.
-
-        Training: step t of an epoch takes a global batch of ``batch_size * num_shards`` samples of
-        the epoch's permutation and shard k reads the k-th ``batch_size`` of it; its augmentation
-        is seeded by (seed, epoch, t, k), so every rank reading shard k (an exchange group) sees
-        the same pixels. Evaluation: shard k reads the k-th contiguous chunk of the split, so the
-        shards together cover every sample exactly once.
-        """
-        return MemoryBatches(
-            self.split,
-            batch_size=self.batch_size,
-            mean=self.mean,
-            std=self.std,
-            train=self.train,
-            seed=self.seed,
-            padding=self.padding,
-            augment=self.augment,
-            device=self.device,
-            shard=shard,
-            num_shards=num_shards,
-        )
+        self.mean, self.std, self.device = tuple(self.mean), tuple(self.std), torch.device(self.device)
 
     def _eval_range(self) -> range:
         n, k = len(self.split), self.num_shards

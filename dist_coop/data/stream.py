@@ -20,6 +20,7 @@ import json
 import random
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from dist_coop.data.augment import augment_step, epoch_order, normalize
+from dist_coop.data.batches import Sharded
 from dist_coop.data.images import reason as image_error
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -222,74 +224,53 @@ def _shuffled(samples, rng: random.Random | None, buffer: int):
     yield from pool
 
 
-class ShardBatches:
-    """The stream with the interface of ``MemoryBatches``: ``sharded``, ``epoch``, ``len``."""
+@dataclass(eq=False, repr=False)
+class ShardBatches(Sharded):
+    """The stream with the interface of ``MemoryBatches``: ``sharded``, ``epoch``, ``len``.
 
-    def __init__(
-        self,
-        root: str | Path,
-        index: dict[str, Any],
-        split: str,
-        *,
-        batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        train: bool,
-        channels: int,
-        image_size: int = 0,
-        seed: int = 0,
-        padding: int = 0,
-        augment: bool = True,
-        device: torch.device | str = "cpu",
-        workers: int = 0,
-        shuffle_buffer: int = 2000,
-        on_corrupt: str = "error",
-        shard: int = 0,
-        num_shards: int = 1,
-    ) -> None:
+    Data shard k of n (``sharded(k, n)``) reads every n-th shard file of the epoch's shard order, from
+    the k-th on; training yields the same number of batches on every data shard.
+    """
+
+    root: str | Path
+    index: dict[str, Any]
+    split: str
+    _: KW_ONLY
+    batch_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    train: bool
+    channels: int
+    image_size: int = 0
+    seed: int = 0
+    padding: int = 0
+    augment: bool = True
+    device: torch.device | str = "cpu"
+    workers: int = 0
+    shuffle_buffer: int = 2000
+    on_corrupt: str = "error"
+    shard: int = 0
+    num_shards: int = 1
+    skipped: int = field(default=0, init=False)  # corrupt samples skipped so far (on_corrupt: skip)
+
+    def __post_init__(self) -> None:
+        root, index, split, num_shards = self.root, self.index, self.split, self.num_shards
         if split not in index["splits"]:
             raise ValueError(f"shards in {root} have no split {split!r} (have {list(index['splits'])})")
-        self.root, self.index, self.split = Path(root), index, split
-        self.shards = index["splits"][split]["shards"]
-        self.batch_size, self.mean, self.std, self.train = batch_size, tuple(mean), tuple(std), train
-        self.channels, self.image_size, self.seed = channels, image_size, seed
-        self.padding, self.augment, self.device = padding, augment, torch.device(device)
-        self.workers, self.shuffle_buffer, self.on_corrupt = workers, shuffle_buffer, on_corrupt
-        self.shard, self.num_shards = shard, num_shards
-        self.skipped = 0  # corrupt samples skipped so far (on_corrupt: skip)
-        needed = num_shards * max(1, workers)
+        self.root, self.shards = Path(root), index["splits"][split]["shards"]
+        self.mean, self.std, self.device = tuple(self.mean), tuple(self.std), torch.device(self.device)
+        needed = num_shards * max(1, self.workers)
         if len(self.shards) < needed:
             raise ValueError(
-                f"{split}: {len(self.shards)} shard(s) in {root} for {num_shards} data shard(s) x {max(1, workers)} loader "
-                f"worker(s); write at least {needed} shards (dist-coop shards --max-count smaller)"
+                f"{split}: {len(self.shards)} shard(s) in {root} for {num_shards} data shard(s) x "
+                f"{max(1, self.workers)} loader worker(s); write at least {needed} shards (dist-coop shards "
+                "--max-count smaller)"
             )
         total = index["splits"][split]["count"]
-        if train and total // num_shards < batch_size:
+        if self.train and total // num_shards < self.batch_size:
             raise ValueError(
-                f"{split}: {total} samples cannot fill a batch of {batch_size} on {num_shards} data shards"
+                f"{split}: {total} samples cannot fill a batch of {self.batch_size} on {num_shards} data shards"
             )
-
-    def sharded(self, shard: int, num_shards: int) -> ShardBatches:
-        return ShardBatches(
-            self.root,
-            self.index,
-            self.split,
-            batch_size=self.batch_size,
-            mean=self.mean,
-            std=self.std,
-            train=self.train,
-            channels=self.channels,
-            image_size=self.image_size,
-            seed=self.seed,
-            padding=self.padding,
-            augment=self.augment,
-            device=self.device,
-            workers=self.workers,
-            shuffle_buffer=self.shuffle_buffer,
-            on_corrupt=self.on_corrupt,
-            shard=shard,
-            num_shards=num_shards,
-        )
 
     def _my_shards(self, epoch: int) -> list[dict]:
         order = list(range(len(self.shards)))

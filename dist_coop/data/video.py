@@ -1,14 +1,17 @@
-"""Video clips as image samples: ``dist-coop shards --video`` over class folders of clips.
+"""Video clips as image samples (``dist-coop shards --video``), and the one ffmpeg frame decoder.
 
-ffmpeg (driven through ``ffmpeg-python``; install the binary with ``apt-get install ffmpeg``)
-decodes each clip, samples ``fps`` frames per second, scales them to ``size`` x ``size`` and pipes
-raw RGB frames out: one process per clip, not per frame. Each frame becomes a sample labelled
-with its clip's class, so a video-classification dataset trains like an image one.
+``ffmpeg_frames`` runs ffmpeg (driven through ``ffmpeg-python``; install the binary with ``apt-get
+install ffmpeg``) once per clip: it samples ``fps`` frames per second, scales them and pipes raw pixels
+out, read one frame at a time. The shard writer takes every frame of a clip (``decode_frames``) and
+labels it with the clip's class, so a video-classification dataset trains like an image one;
+``dist-coop stream`` (``dist_coop/infer/stream.py``) classifies the frames as they arrive.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,30 +19,55 @@ import numpy as np
 from dist_coop.data.sources import Item, Source, class_tree
 
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
+PIXEL_FORMATS = {1: "gray", 3: "rgb24"}  # channels -> ffmpeg's raw pixel format
 
 
-def decode_frames(path: str | Path, *, fps: float, size: int) -> np.ndarray:
-    """uint8 (T, size, size, 3) frames of a clip, ``fps`` per second."""
+def ffmpeg_frames(
+    path: str | Path, *, height: int, width: int, channels: int = 3, fps: float | None = None
+) -> Iterator[np.ndarray]:
+    """uint8 (H, W, C) frames of a video file, scaled to ``height`` x ``width`` (C = 1: gray, 3: RGB), ``fps``
+    per second (None: every frame), streamed from one ffmpeg process. A file ffmpeg cannot decode raises
+    ValueError naming it and ffmpeg's last line; a consumer may stop early (closing the generator stops ffmpeg).
+    """
     import ffmpeg
 
     if shutil.which("ffmpeg") is None:
         raise FileNotFoundError("the ffmpeg binary is not installed (Debian/Ubuntu: apt-get install ffmpeg)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    if channels not in PIXEL_FORMATS:
+        raise ValueError(f"channels must be one of {sorted(PIXEL_FORMATS)}, got {channels}")
+    stream = ffmpeg.input(str(path))
+    if fps:
+        stream = stream.filter("fps", fps=fps)
+    stream = stream.filter("scale", width, height).output("pipe:", format="rawvideo", pix_fmt=PIXEL_FORMATS[channels])
+    proc = stream.run_async(pipe_stdout=True, pipe_stderr=True)
+    stderr = bytearray()  # read beside the frames: a full stderr pipe would stall ffmpeg on a long clip
+    drain = threading.Thread(target=lambda: stderr.extend(proc.stderr.read()), daemon=True)
+    drain.start()
+    size = height * width * channels
     try:
-        out, _ = (
-            ffmpeg.input(str(path))
-            .filter("fps", fps=fps)
-            .filter("scale", size, size)
-            .output("pipe:", format="rawvideo", pix_fmt="rgb24")
-            .run(capture_stdout=True, capture_stderr=True)
-        )
-    except ffmpeg.Error as e:
-        raise ValueError(
-            f"ffmpeg cannot decode {path}: {e.stderr.decode(errors='replace').strip().splitlines()[-1:]}"
-        ) from e
-    frames = np.frombuffer(out, np.uint8)
-    if frames.size == 0 or frames.size % (size * size * 3):
+        while True:
+            buf = proc.stdout.read(size)
+            if len(buf) < size:
+                break
+            yield np.frombuffer(buf, np.uint8).reshape(height, width, channels)
+    finally:
+        proc.stdout.close()  # a consumer that stopped early: ffmpeg's next write fails and it exits
+        code = proc.wait()
+        drain.join()
+        proc.stderr.close()
+    if code != 0:  # only once the pipe ran dry: an early stop makes ffmpeg fail on its broken pipe
+        err = stderr.decode(errors="replace").strip()
+        raise ValueError(f"ffmpeg cannot decode {path}: {err.splitlines()[-1] if err else f'exit code {code}'}")
+
+
+def decode_frames(path: str | Path, *, fps: float, size: int) -> np.ndarray:
+    """uint8 (T, size, size, 3) frames of a clip, ``fps`` per second."""
+    frames = list(ffmpeg_frames(path, height=size, width=size, channels=3, fps=fps))
+    if not frames:
         raise ValueError(f"{path}: ffmpeg returned no whole frames")
-    return frames.reshape(-1, size, size, 3)
+    return np.stack(frames)
 
 
 def video_folder(root: str | Path, *, fps: float = 1.0, size: int = 64) -> Source:

@@ -150,7 +150,8 @@ def export_command(args: argparse.Namespace) -> Path:
 
 def stream_command(args: argparse.Namespace) -> str:
     from dist_coop.cli import load_trainer
-    from dist_coop.infer.stream import clip_fps, plot_stream, run_stream, summarize, video_frames
+    from dist_coop.data.video import ffmpeg_frames
+    from dist_coop.infer.stream import clip_fps, plot_stream, run_stream, summarize
 
     fps = args.fps or clip_fps(args.video)  # a missing, unreadable or audio-only file fails here, before the nets load
     if args.threads:
@@ -170,7 +171,7 @@ def stream_command(args: argparse.Namespace) -> str:
     mean, std = trainer.data.train.mean, trainer.data.train.std
     results = run_stream(
         runner,
-        video_frames(args.video, channels=c, height=h, width=w, fps=args.fps or None),
+        ffmpeg_frames(args.video, height=h, width=w, channels=c, fps=args.fps or None),
         mean=mean,
         std=std,
         classes=trainer.data.classes,

@@ -1,6 +1,6 @@
 """``dist-coop stream``: classify the frames of a video with the depth controller holding a latency target.
 
-Frames are decoded and scaled by ffmpeg (through ``ffmpeg-python``) into raw pixels on a pipe,
+Frames are decoded and scaled by ffmpeg (``dist_coop.data.video.ffmpeg_frames``) into raw pixels on a pipe,
 paced at the clip's frame rate (as a camera would deliver them) unless ``pace`` is off, normalised
 like the training data and classified one at a time by an ``AdaptiveRunner``.
 """
@@ -19,37 +19,6 @@ import torch
 
 from dist_coop.data.augment import normalize
 from dist_coop.infer.controller import AdaptiveRunner
-
-
-def video_frames(
-    path: str | Path, *, channels: int, height: int, width: int, fps: float | None = None
-) -> Iterator[np.ndarray]:
-    """uint8 (H, W, C) frames of a video file, decoded and scaled by ffmpeg, streamed from a pipe."""
-    import ffmpeg
-
-    if shutil.which("ffmpeg") is None:
-        raise FileNotFoundError("the ffmpeg binary is not installed (Debian/Ubuntu: apt-get install ffmpeg)")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"video not found: {path}")
-    stream = ffmpeg.input(str(path))
-    if fps:
-        stream = stream.filter("fps", fps=fps)
-    stream = stream.filter("scale", width, height).output(
-        "pipe:", format="rawvideo", pix_fmt="gray" if channels == 1 else "rgb24"
-    )
-    proc = stream.run_async(pipe_stdout=True, pipe_stderr=True)
-    size = height * width * channels
-    try:
-        while True:
-            buf = proc.stdout.read(size)
-            if len(buf) < size:
-                break
-            yield np.frombuffer(buf, np.uint8).reshape(height, width, channels)
-    finally:
-        proc.stdout.close()
-        err = proc.stderr.read().decode(errors="replace")
-        if proc.wait() not in (0, None) and not err.strip().endswith("Broken pipe"):
-            raise ValueError(f"ffmpeg cannot decode {path}: {err.strip().splitlines()[-1:] if err else ''}")
 
 
 def probe_video(path: str | Path) -> dict:
