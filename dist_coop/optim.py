@@ -8,8 +8,6 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from dist_coop.models.norm import DepthBatchNorm2d
-
 
 def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv / linear weights only (not on BN affine, gates or biases)."""
@@ -18,11 +16,7 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            wants_decay = (
-                name == "weight"
-                and isinstance(module, (nn.Conv2d, nn.Linear))
-                and not isinstance(module, DepthBatchNorm2d)
-            )
+            wants_decay = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
             (decay if wants_decay else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

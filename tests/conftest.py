@@ -1,9 +1,12 @@
+"""Fixtures only; what tests share otherwise is in tests/helpers.py."""
+
 import os
 
 import pytest
 import torch
 
 from dist_coop.data import fashion_mnist
+from tests.helpers import RecordingTracker
 
 torch.set_num_threads(2)
 
@@ -17,27 +20,6 @@ def fmnist_root():
         if os.environ.get("CI"):
             pytest.fail(str(e))
         pytest.skip(str(e))
-
-
-class RecordingTracker:
-    """A tracker that keeps everything it is given (the Tracker interface)."""
-
-    def __init__(self):
-        self.params, self.metrics, self.artifacts, self.closed = {}, {}, [], False
-        self.status, self.error = "", ""
-        self.run_id = ""
-
-    def log_params(self, params):
-        self.params.update(params)
-
-    def log_metrics(self, step, metrics):
-        self.metrics.setdefault(step, {}).update(metrics)
-
-    def log_artifact(self, path):
-        self.artifacts.append(str(path))
-
-    def close(self, status="FINISHED", error=""):
-        self.closed, self.status, self.error = True, status, error
 
 
 @pytest.fixture

@@ -6,31 +6,14 @@ import os
 
 import torch
 
-from dist_coop.config import load_config
 from dist_coop.data import build_data
 from dist_coop.dist.env import close_distributed, init_distributed
-from dist_coop.ports import free_port
+from dist_coop.ports import free_port  # noqa: F401  (imported from here by the launcher tests)
 from dist_coop.trainer import Trainer
+from tests.helpers import RANKS, tiny_config
+from tests.helpers import TINY as TINY_ONE
 
-TINY = [
-    "--model.name=resnet20",
-    "--model.width=4",
-    "--model.in_channels=1",
-    "--coop.scaling_factors=[0.25, 0.5, 1.0]",
-    "--data.train_subset=512",
-    "--data.val_subset=300",
-    "--data.batch_size=16",
-    "--data.eval_batch_size=100",
-    "--train.epochs=1",
-    "--train.progress=false",
-    "--train.log_every=1",
-    "--tracking.backend=none",
-    "--train.threads=1",
-]
-
-
-def tiny_config(out_dir, *extra):
-    return load_config(None, [*TINY, f"--train.out_dir={out_dir}", "--train.run_name=t", *extra])
+TINY = [*TINY_ONE, *RANKS]  # the tiny config sized for several ranks, as overrides for the launcher tests
 
 
 def run_steps(cfg, info, num_steps: int, nan_steps: tuple[int, ...] = ()) -> dict:
@@ -74,7 +57,7 @@ def worker(
             "MASTER_PORT": str(port),
         }
     )
-    cfg = tiny_config(out_dir, "--train.device=cpu", *overrides)
+    cfg = tiny_config(out_dir, *RANKS, "--train.device=cpu", *overrides)
     info = init_distributed("cpu", backend="gloo", need_group=True)
     try:
         record = run_steps(cfg, info, num_steps, nan_steps)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist_helpers import TINY
+from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST_COOP = Path(sys.executable).parent / "dist-coop"

@@ -5,7 +5,8 @@ import torch
 
 from dist_coop.dist.env import DistInfo
 from dist_coop.dist.placement import check_engine_support, plan_placement
-from tests.dist_helpers import run_steps, spawn, tiny_config
+from tests.dist_helpers import run_steps, spawn
+from tests.helpers import RANKS, tiny_config
 
 NETS = ("leader", "teammate_a", "teammate_b")
 
@@ -40,7 +41,9 @@ def test_placement_plans():
 
 def _reference(tmp_path, num_steps, *overrides):
     """The same config in one process (colocated)."""
-    return run_steps(tiny_config(tmp_path / "ref", "--dist.placement=colocated", *overrides), DistInfo(), num_steps)
+    return run_steps(
+        tiny_config(tmp_path / "ref", *RANKS, "--dist.placement=colocated", *overrides), DistInfo(), num_steps
+    )
 
 
 def _assert_same_losses(got, ref, rel=1e-4):
@@ -49,6 +52,7 @@ def _assert_same_losses(got, ref, rel=1e-4):
             assert v == pytest.approx(b[k], rel=rel), (step, k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine, zero", [("torch", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2)])
 def test_split_three_ranks_equals_one_process(tmp_path, fmnist_root, engine, zero):
     """Leader, Teammate A, Teammate B on three ranks: every loss at every step equals the one-process run.
@@ -73,6 +77,7 @@ def test_split_three_ranks_equals_one_process(tmp_path, fmnist_root, engine, zer
         torch.testing.assert_close(r["params"][name], ref["params"][name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_split_six_ranks_two_per_net(tmp_path, fmnist_root):
     """D = 2: replicas of a net stay identical, exchange groups share samples, shards differ; equals colocated on 2 ranks."""
     ranks = spawn(6, tmp_path / "split", ["--dist.placement=split"], num_steps=3)
@@ -97,6 +102,7 @@ def test_split_six_ranks_two_per_net(tmp_path, fmnist_root):
                 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_colocated_two_ranks_keeps_replicas_equal(tmp_path, fmnist_root, zero):
     ranks = spawn(

@@ -110,7 +110,7 @@ def test_profile_export_stream_commands_on_a_trained_run(tmp_path, fmnist_root, 
     """The CLI on a real (tiny) trained run: profile + budget, export, and stream a clip made with ffmpeg."""
     from dist_coop.cli import main, run_training
     from dist_coop.config import load_config
-    from tests.dist_helpers import TINY
+    from tests.helpers import TINY
     from tests.media import make_clip
 
     run_training(load_config(None, [*TINY, f"--train.out_dir={tmp_path}", "--train.run_name=r", "--train.max_steps=3"]))

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_helpers import TINY, free_port
+from dist_coop.ports import free_port
+from tests.dist_helpers import TINY
+
+pytestmark = pytest.mark.slow  # every test here starts processes through a launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

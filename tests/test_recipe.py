@@ -13,7 +13,7 @@ from dist_coop.dist.engine import clip_threshold, grad_stats
 from dist_coop.models import build_model
 from dist_coop.models.adaptive import gate_stats
 from dist_coop.trainer import Trainer
-from tests.test_trainer import tiny
+from tests.helpers import tiny_config
 
 
 def test_kd_ramp_values():
@@ -105,7 +105,7 @@ def test_ramp_scales_every_kd_term_and_num_terms_counts_them():
 
 
 def test_trainer_logs_clip_coef_grad_norm_and_gates(tmp_path, fmnist_root, recorder):
-    cfg = tiny(tmp_path, "--optim.grad_clip=0.5", "--optim.clip_scale=terms", "--coop.kd_warmup=0.5")
+    cfg = tiny_config(tmp_path, "--optim.grad_clip=0.5", "--optim.clip_scale=terms", "--coop.kd_warmup=0.5")
     data = build_data(cfg.data, seed=0)
     trainer = Trainer(cfg, data, run_dir=tmp_path, tracker=recorder)
     x, y = next(data.train.epoch(0))

@@ -20,8 +20,8 @@ from dist_coop.dist.env import DistInfo
 from dist_coop.guard import NonFiniteError
 from dist_coop.preempt import EXIT_PREEMPTED
 from dist_coop.trainer import Trainer, latest_checkpoint
-from tests.dist_helpers import free_port, run_steps, spawn, tiny_config
-from tests.test_trainer import TINY, tiny
+from tests.dist_helpers import free_port, run_steps, spawn
+from tests.helpers import RANKS, TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -55,7 +55,7 @@ def test_diverging_run_stops_naming_net_step_and_what(tmp_path, fmnist_root, cap
     last = latest_checkpoint(tmp_path / "d")  # every checkpoint written holds the finite weights of a step before
     assert last is None or int(last.name.split("_")[1]) < step
 
-    cfg = tiny(tmp_path / "g")
+    cfg = tiny_config(tmp_path / "g")
     trainer = Trainer(cfg, build_data(cfg.data, seed=0), run_dir=tmp_path / "g")
     next(trainer.nets["teammate_b"].parameters()).register_hook(lambda g: g * float("inf"))
     with pytest.raises(NonFiniteError, match=r"^non-finite gradient of teammate_b at step 1 "):
@@ -65,7 +65,7 @@ def test_diverging_run_stops_naming_net_step_and_what(tmp_path, fmnist_root, cap
 def test_skip_drops_the_step_counts_it_and_gives_up_after_max(tmp_path, fmnist_root):
     """on_nonfinite: skip: a NaN batch changes no weight and no BN statistic, the schedule moves on, the skip
     is counted in train/nonfinite_skipped/<net>; max_nonfinite consecutive skips stop the run."""
-    cfg = tiny(tmp_path, "--train.on_nonfinite=skip", "--train.max_nonfinite=2")
+    cfg = tiny_config(tmp_path, "--train.on_nonfinite=skip", "--train.max_nonfinite=2")
     data = build_data(cfg.data, seed=0)
     trainer = Trainer(cfg, data, run_dir=tmp_path)
     before, lr = _state(trainer), {n: e.lr() for n, e in trainer.engines.items()}
@@ -85,7 +85,7 @@ def test_skip_drops_the_step_counts_it_and_gives_up_after_max(tmp_path, fmnist_r
 
 
 def test_checkpoint_with_nonfinite_weights_is_refused(tmp_path, fmnist_root):
-    cfg = tiny(tmp_path)
+    cfg = tiny_config(tmp_path)
     trainer = Trainer(cfg, build_data(cfg.data, seed=0), run_dir=tmp_path)
     good = trainer.save()
     trainer.step = 1
@@ -105,7 +105,7 @@ def test_deepspeed_skip_equals_torch_skip(tmp_path, fmnist_root):
     """DeepSpeed (ZeRO 0): a NaN batch is checked on the loss before backward and skipped; the schedule still
     advances, so the run matches the torch engine's skip step for step (clipping off: see test_distributed)."""
     common = ["--optim.grad_clip=0", "--train.on_nonfinite=skip", "--dist.placement=colocated"]
-    ref = run_steps(tiny_config(tmp_path / "ref", *common), DistInfo(), 3, nan_steps=(1,))
+    ref = run_steps(tiny_config(tmp_path / "ref", *RANKS, *common), DistInfo(), 3, nan_steps=(1,))
     (ds,) = spawn(1, tmp_path / "ds", [*common, "--dist.engine=deepspeed"], num_steps=3, nan_steps=(1,))
     assert ds["skipped"] == ref["skipped"] == {name: 1 for name in NETS}
     assert ds["lr"] == [pytest.approx(lr) for lr in ref["lr"]]  # the schedule moved on the skipped step
@@ -120,7 +120,7 @@ def test_mlflow_run_ends_failed_on_error_and_killed_on_ctrl_c(tmp_path, fmnist_r
     import mlflow
 
     def run(name, *extra):
-        return run_training(tiny(tmp_path, "--tracking.backend=mlflow", f"--train.run_name={name}", *extra))
+        return run_training(tiny_config(tmp_path, "--tracking.backend=mlflow", f"--train.run_name={name}", *extra))
 
     def ended(name):
         client = mlflow.MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
@@ -177,6 +177,7 @@ def _metrics(run_dir: Path) -> dict[str, float]:
     return json.loads((run_dir / "results.json").read_text())["metrics"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_143_and_resume_matches_uninterrupted_run(tmp_path, fmnist_root):
     """One process: SIGTERM after the first checkpoint stops at the next step boundary, saves, exits 143 and
     leaves the MLflow run KILLED; --train.resume=auto ends with the uninterrupted run's metrics, bit for bit."""

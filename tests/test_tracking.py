@@ -13,10 +13,10 @@ import torch
 from dist_coop.cli import run_training
 from dist_coop.data import build_data
 from dist_coop.dist.env import close_distributed, init_distributed
+from dist_coop.ports import free_port
 from dist_coop.track.mlflow_tracker import is_database_uri, mlflow_key, resume_changes, settings_before_resume
 from dist_coop.trainer import TRAINER_STATE, Trainer, latest_checkpoint
-from tests.dist_helpers import free_port, tiny_config
-from tests.test_trainer import tiny
+from tests.helpers import RANKS, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NETS = ("leader", "teammate_a", "teammate_b")
@@ -60,7 +60,7 @@ def test_artifacts_under_out_dir_not_cwd_and_final_metrics_logged_once(tmp_path,
     cwd, out = tmp_path / "started_here", tmp_path / "out"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    results = run_training(tiny(out, *MLFLOW))  # 2 epochs of 4 steps
+    results = run_training(tiny_config(out, *MLFLOW))  # 2 epochs of 4 steps
     assert list(cwd.iterdir()) == []  # no ./mlruns (nor anything else) where the command was started
 
     client, run = _client_and_run(out)
@@ -94,7 +94,7 @@ def test_artifacts_under_out_dir_not_cwd_and_final_metrics_logged_once(tmp_path,
 
 def test_recalibrated_final_metrics_are_logged_once(tmp_path, fmnist_root):
     """With train.recalibrate_bn every depth is evaluated again at the end: those values, not the last epoch's."""
-    results = run_training(tiny(tmp_path, *MLFLOW, "--train.epochs=1", "--train.recalibrate_bn=64"))
+    results = run_training(tiny_config(tmp_path, *MLFLOW, "--train.epochs=1", "--train.recalibrate_bn=64"))
     client, run = _client_and_run(tmp_path)
     for key, values in _final_history(client, run, results).items():
         assert len(values) == 1, (key, values)
@@ -104,9 +104,9 @@ def test_recalibrated_final_metrics_are_logged_once(tmp_path, fmnist_root):
 def test_resume_with_changed_settings_records_each_change(tmp_path, fmnist_root):
     """epochs 1 -> 2 -> 3 over three launches of one run: the params keep the first launch's values, the tags
     say what each resume changed, from what to what; the metrics continue to the new end."""
-    first = run_training(tiny(tmp_path, *MLFLOW, "--train.epochs=1"))
-    second = run_training(tiny(tmp_path, *MLFLOW, "--train.epochs=2"))
-    third = run_training(tiny(tmp_path, *MLFLOW, "--train.epochs=3", "--optim.lr=0.05"))
+    first = run_training(tiny_config(tmp_path, *MLFLOW, "--train.epochs=1"))
+    second = run_training(tiny_config(tmp_path, *MLFLOW, "--train.epochs=2"))
+    third = run_training(tiny_config(tmp_path, *MLFLOW, "--train.epochs=3", "--optim.lr=0.05"))
     assert (first["step"], second["step"], third["step"]) == (4, 8, 12)
 
     client, run = _client_and_run(tmp_path)
@@ -163,7 +163,7 @@ def save_and_resume_worker(rank: int, world_size: int, port: int, out_dir: str) 
         }
     )
     extra = ["--dist.placement=split", "--dist.engine=deepspeed", "--dist.zero_stage=1", "--train.device=cpu"]
-    cfg = tiny_config(out_dir, *extra)
+    cfg = tiny_config(out_dir, *RANKS, *extra)
     info = init_distributed("cpu", backend="gloo", need_group=True)
     try:
         torch.set_num_threads(1)
@@ -201,6 +201,7 @@ def save_and_resume_worker(rank: int, world_size: int, port: int, out_dir: str) 
         log.close()
 
 
+@pytest.mark.slow
 def test_split_deepspeed_saves_agree_on_the_tag_and_resume(tmp_path, fmnist_root):
     torch.multiprocessing.spawn(save_and_resume_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(3)]

@@ -7,28 +7,9 @@ import torch
 
 from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.cli import evaluate_checkpoint, run_training
-from dist_coop.config import load_config
 from dist_coop.data import build_data
 from dist_coop.trainer import TRAINER_STATE, Trainer, latest_checkpoint, resolve_amp
-
-TINY = [
-    "--model.name=resnet20",
-    "--model.width=4",
-    "--model.in_channels=1",
-    "--coop.scaling_factors=[0.25, 0.5, 1.0]",
-    "--data.train_subset=256",
-    "--data.val_subset=200",
-    "--data.batch_size=32",
-    "--data.eval_batch_size=100",
-    "--train.epochs=2",
-    "--train.progress=false",
-    "--train.log_every=1",
-    "--tracking.backend=none",
-]
-
-
-def tiny(tmp_path, *extra):
-    return load_config(None, [*TINY, f"--train.out_dir={tmp_path}", "--train.run_name=t", *extra])
+from tests.helpers import RecordingTracker, tiny_config
 
 
 def losses(recorder):
@@ -41,16 +22,14 @@ def losses(recorder):
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, fmnist_root, recorder):
     """Crash after step 11, resume from the step-10 checkpoint: steps 11..16 match exactly."""
-    cfg = tiny(tmp_path / "a")
+    cfg = tiny_config(tmp_path / "a")
     data = build_data(cfg.data, seed=cfg.train.seed)
     full = Trainer(cfg, data, run_dir=tmp_path / "a", tracker=recorder)
     full.train()
     assert full.step == 16  # 2 epochs of 8 steps
     reference = losses(recorder)
 
-    from tests.conftest import RecordingTracker
-
-    cfg_b = tiny(tmp_path / "b", "--train.checkpoint_every=5")
+    cfg_b = tiny_config(tmp_path / "b", "--train.checkpoint_every=5")
     crashed = Trainer(cfg_b, data, run_dir=tmp_path / "b", tracker=RecordingTracker())
     crashed.train(stop_at_step=11)  # checkpoints at 5, 8 (epoch end) and 10
     latest = latest_checkpoint(tmp_path / "b")
@@ -74,7 +53,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fmnist_root, recorder):
 
 
 def test_one_step_updates_every_net_and_terms_sum(tmp_path, fmnist_root):
-    cfg = tiny(tmp_path)
+    cfg = tiny_config(tmp_path)
     data = build_data(cfg.data, seed=0)
     trainer = Trainer(cfg, data, run_dir=tmp_path)
     before = {n: [p.clone() for p in net.parameters()] for n, net in trainer.nets.items()}
@@ -98,7 +77,7 @@ def test_amp_resolution():
 
 
 def test_bf16_step_runs_on_cpu(tmp_path, fmnist_root):
-    cfg = tiny(tmp_path, "--optim.amp=bf16", "--optim.grad_clip=1.0")
+    cfg = tiny_config(tmp_path, "--optim.amp=bf16", "--optim.grad_clip=1.0")
     data = build_data(cfg.data, seed=0)
     trainer = Trainer(cfg, data, run_dir=tmp_path)
     x, y = next(data.train.epoch(0))
@@ -129,7 +108,7 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
     """The real job: train, evaluate every net at every depth, MLflow run with params/metrics/artifacts."""
     import mlflow
 
-    cfg = tiny(tmp_path, "--tracking.backend=mlflow", "--data.train_subset=640", "--train.recalibrate_bn=256")
+    cfg = tiny_config(tmp_path, "--tracking.backend=mlflow", "--data.train_subset=640", "--train.recalibrate_bn=256")
     results = run_training(cfg)
     m = results["metrics"]
     for net in ("leader", "teammate_a", "teammate_b"):
@@ -155,7 +134,9 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "accuracy_vs_gflops.png", "results.txt", "step_00000040"} <= artifacts
     # resume=auto with a finished run continues the same MLflow run and trains no more
-    again = run_training(tiny(tmp_path, "--tracking.backend=mlflow", "--data.train_subset=640", "--train.resume=auto"))
+    again = run_training(
+        tiny_config(tmp_path, "--tracking.backend=mlflow", "--data.train_subset=640", "--train.resume=auto")
+    )
     assert again["step"] == 40
     assert len(client.search_runs([exp.experiment_id])) == 1
     table = evaluate_checkpoint(run_dir, "cpu")

@@ -18,7 +18,7 @@ from dist_coop.cli import main, run_training
 from dist_coop.config import load_config, save_config
 from dist_coop.ports import free_port, port_is_free
 from dist_coop.preempt import EXIT_INTERRUPTED
-from tests.dist_helpers import TINY
+from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,7 @@ def _wait_until_answers(url: str, proc: subprocess.Popen, timeout_s: float) -> N
     raise AssertionError(f"{url} did not answer within {timeout_s} s")
 
 
+@pytest.mark.slow
 def test_training_prints_the_ui_command_and_ui_serves_that_store(tmp_path, fmnist_root, monkeypatch, capsys):
     """A tiny tracked run (out_dir relative to the folder training started in), then ``dist-coop ui RUN_DIR``
     from another folder: the UI answers on the printed address and holds that run; SIGTERM stops it all."""
