@@ -236,7 +236,7 @@ class DistConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     deepspeed_extra: dict = field(default_factory=dict)  # merged over the generated DeepSpeed config
     backend: str = "auto"  # auto (nccl on GPUs, gloo on CPUs) | gloo | nccl
-    timeout_s: int = 600  # collective timeout
+    timeout_s: int = 600  # seconds a rank waits for the others (joining, any collective) before it fails
     keep_checkpoints: int = 2  # newest checkpoint folders kept
 
     def __post_init__(self) -> None:

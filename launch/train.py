@@ -8,15 +8,18 @@
 
 Thin on purpose: config -> distributed init -> Trainer -> train -> close all live in
 ``dist_coop.cli.run_training``; the launchers' variables (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT) are read once by ``init_distributed``.
+MASTER_ADDR, MASTER_PORT) are read once by ``init_distributed``. A rank whose peers are gone or
+stalled stops after ``dist.timeout_s`` with one line naming it (exit code 1; ``--debug``: the traceback).
 """
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dist_coop.cli import main  # noqa: E402
+from dist_coop.dist.env import peer_failure  # noqa: E402
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -32,5 +35,16 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def run(argv: list[str]) -> int:
+    try:
+        return main(["train", *argv])
+    except Exception as e:
+        line = peer_failure(e, int(os.environ.get("RANK", "0")))
+        if line is None or "--debug" in argv:
+            raise
+        print(f"dist-coop: error: {line}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main(["train", *strip_local_rank(sys.argv[1:])]))
+    sys.exit(run(strip_local_rank(sys.argv[1:])))

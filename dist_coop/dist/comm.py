@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -27,24 +28,28 @@ class Groups:
 
 
 def build_groups(placement: Placement, info: DistInfo) -> Groups:
-    """Create every group in the same order on every rank (``new_group`` is collective)."""
+    """Create every group in the same order on every rank (``new_group`` is collective).
+
+    Each group's collectives give up after ``info.timeout_s`` (``dist.timeout_s``), like the default group's.
+    """
     groups = Groups()
     if not info.initialized:
         return groups
+    timeout = timedelta(seconds=info.timeout_s)
     if placement.kind == "colocated":
         world = dist.group.WORLD
         groups.net = {name: world for name in placement.net_names}
     else:
         for name in placement.net_names:
-            g = dist.new_group(list(placement.net_ranks(name)))
+            g = dist.new_group(list(placement.net_ranks(name)), timeout=timeout)
             if name in placement.nets_of(info.rank):
                 groups.net[name] = g
         for index in range(placement.group_size):
-            g = dist.new_group(list(placement.exchange_ranks(index)))
+            g = dist.new_group(list(placement.exchange_ranks(index)), timeout=timeout)
             if index == placement.exchange_index(info.rank):
                 groups.exchange = g
     for r in range(info.world_size):
-        g = dist.new_group([r])
+        g = dist.new_group([r], timeout=timeout)
         if r == info.rank:
             groups.singleton = g
     return groups

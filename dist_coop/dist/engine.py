@@ -174,6 +174,23 @@ class TorchEngine(_NetAccess):
                     b.copy_(buffers[key])
 
 
+def save_replica_buffers(module: torch.nn.Module, group_rank: int, folder: Path, name: str) -> None:
+    """DeepSpeed saves the module of group rank 0 only; replica r > 0 keeps its BN statistics, gathered on its
+    own shard of the data, in ``<name>.rank<r>.pt`` (as ``TorchEngine`` does), so a resumed run equals an
+    uninterrupted one."""
+    if group_rank:
+        save_checkpoint(dict(module.named_buffers()), folder / f"{name}.rank{group_rank}.pt")
+
+
+def load_replica_buffers(module: torch.nn.Module, group_rank: int, folder: Path, name: str) -> None:
+    own = folder / f"{name}.rank{group_rank}.pt"
+    if group_rank and own.is_file():  # absent in checkpoints of an older layout: rank 0's then
+        buffers = load_checkpoint(own, next(module.parameters()).device)
+        with torch.no_grad():
+            for key, b in module.named_buffers():
+                b.copy_(buffers[key])
+
+
 class GroupMPU:
     """What DeepSpeed asks an ``mpu`` for: data parallel = the net's group, no model parallelism."""
 
@@ -328,6 +345,7 @@ class DeepSpeedEngine(_NetAccess):
         net goes into the save folder and the tag is the step, which every rank shares.
         """
         self.engine.save_checkpoint(str(folder / name), tag=folder.name, save_latest=False)
+        save_replica_buffers(self.module, self.engine.mpu.get_data_parallel_rank(), folder, name)
 
     def load(self, folder: Path, name: str) -> None:
         save_dir, tag = folder / name, folder.name
@@ -336,3 +354,4 @@ class DeepSpeedEngine(_NetAccess):
         path, _ = self.engine.load_checkpoint(str(save_dir), tag=tag)
         if path is None:
             raise ValueError(f"DeepSpeed checkpoint not found: {folder / name}")
+        load_replica_buffers(self.module, self.engine.mpu.get_data_parallel_rank(), folder, name)

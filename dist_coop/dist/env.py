@@ -5,18 +5,27 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), picks the backend (
 gloo on CPUs) and starts the default process group. Without those variables it is a world of
 one process; DeepSpeed still needs a process group then, so one of size 1 is started on a free
 local port.
+
+Every wait on other ranks is bounded by ``dist.timeout_s``: forming the group, every collective of
+every group (ours and those a library such as DeepSpeed makes later), so a rank whose peers are
+gone or stalled fails with :class:`PeerTimeoutError` or a backend error that
+:func:`peer_failure` turns into one line, instead of waiting for torch's 30-minute default.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str = ""  # "" = no process group
+    timeout_s: float = 600.0  # every wait on other ranks gives up after this long (dist.timeout_s)
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +63,10 @@ def single_process(device_name: str = "auto") -> DistInfo:
     return DistInfo(device=resolve_device(device_name))
 
 
+class PeerTimeoutError(RuntimeError):
+    """Other ranks did not answer within ``dist.timeout_s``."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,40 +78,157 @@ def init_distributed(
     *,
     backend: str = "auto",
     need_group: bool = False,
-    timeout_s: int = 600,
+    timeout_s: float = 600,
     env: Mapping[str, str] | None = None,
 ) -> DistInfo:
-    """Start the default process group from the launcher's variables (or a world of one)."""
+    """Start the default process group from the launcher's variables (or a world of one).
+
+    ``timeout_s`` bounds the wait for the other ranks to join and every later collective.
+    """
     env = os.environ if env is None else env
     world_size = int(env.get("WORLD_SIZE", "1"))
     rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if world_size == 1 and not need_group:
-        return DistInfo(device=device)
+        return DistInfo(device=device, timeout_s=timeout_s)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "MASTER_ADDR" not in env:  # a world of one started by plain `python`
-            os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+            os.environ.update(
+                {
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(_free_port()),
+                    "RANK": "0",
+                    "WORLD_SIZE": "1",
+                    "LOCAL_RANK": "0",
+                }
+            )
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, timeout=timeout, store=_restart_safe_store(env, world_size, timeout)
-        )
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+        set_default_group_timeout(timeout)
+        try:
+            store = _generation_store(env, rank, world_size, timeout)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, store=store)
+        except dist.DistError as e:
+            if not _is_timeout(e):
+                raise
+            raise PeerTimeoutError(
+                f"rank {rank}: the other ranks of the world of {world_size} did not join within "
+                f"dist.timeout_s={timeout_s:g} s ({_short(e)})"
+            ) from e
+    return DistInfo(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend, timeout_s=timeout_s
+    )
 
 
-def _restart_safe_store(env: Mapping[str, str], world_size: int, timeout: timedelta) -> dist.Store | None:
-    """Under torchrun the workers share the agent's store across restarts; keys a dead generation wrote
-    (gloo's peer addresses) would be read by the next one, which then connects to dead ports. A prefix
-    per restart keeps generations apart. Elsewhere: None (the default ``env://`` init)."""
+def set_default_group_timeout(timeout: timedelta | None) -> None:
+    """The timeout of every process group created later without one (None: torch's own, 30 minutes).
+
+    DeepSpeed (and other libraries) call ``new_group(ranks)`` with no timeout; torch then reads these
+    module defaults, so setting them here is the one place that reaches those groups too.
+    """
+    from torch.distributed import constants
+
+    distributed_c10d.default_pg_timeout = timeout or constants.default_pg_timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout or constants.default_pg_nccl_timeout
+
+
+# ---------------------------------------------------------------- a store per generation of workers
+
+_HELLO = "dist_coop/hello"  # queue of the nonces of ranks > 0 waiting for their generation's token
+
+
+def _generation_store(env: Mapping[str, str], rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
+    """The store of this generation of workers under torchrun; elsewhere None (the default ``env://`` init).
+
+    With torchrun's c10d rendezvous the workers share one store, hosted by an agent, that outlives a
+    restart (TORCHELASTIC_USE_AGENT_STORE): keys a dead generation wrote (gloo's peer addresses) would be
+    read by the next one, which then connects to dead ports. So each generation works under a prefix of
+    its own. It cannot come from TORCHELASTIC_RESTART_COUNT: that counts the restarts of one agent, and an
+    agent that restarts because another one's worker failed (a membership change) does not count one, so
+    two agents disagree on it; MASTER_PORT and TORCHELASTIC_RUN_ID stay the same across restarts. The
+    workers agree on a fresh prefix themselves (:func:`_agree_on_generation`).
+    """
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"dist_coop/restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+    return dist.PrefixStore(f"dist_coop/generation/{_agree_on_generation(base, rank, world_size, timeout)}", base)
+
+
+def _agree_on_generation(store: dist.Store, rank: int, world_size: int, timeout: timedelta) -> str:
+    """A token every worker of this generation gets, and no worker of an earlier one ever had.
+
+    Rank 0 draws a random token. Every other rank pushes a random nonce of its own on a queue and waits for
+    the token under a key named by that nonce, so an answer meant for a dead generation is never read; rank 0
+    answers every nonce it finds (stale ones too, harmlessly) until all ranks counted themselves in under
+    the token, which only this generation knows. Workers of a new generation start only after the agents
+    stopped every worker of the old one, so no old rank 0 answers.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        reply = f"dist_coop/reply/{nonce}"
+        store.queue_push(_HELLO, nonce)
+        try:
+            store.wait([reply], timeout)
+        except dist.DistError as e:
+            raise PeerTimeoutError(
+                f"rank {rank}: rank 0 did not answer within dist.timeout_s={timeout.total_seconds():g} s "
+                f"while the workers agreed on their generation ({_short(e)})"
+            ) from e
+        token = store.get(reply).decode()
+        store.delete_key(reply)
+        store.add(f"dist_coop/generation/{token}/joined", 1)
+        return token
+    token = uuid.uuid4().hex
+    joined = f"dist_coop/generation/{token}/joined"
+    while (count := store.add(joined, 0)) < world_size - 1:
+        while store.queue_len(_HELLO):
+            store.set(f"dist_coop/reply/{store.queue_pop(_HELLO, block=False).decode()}", token)
+        if time.monotonic() > deadline:
+            raise PeerTimeoutError(
+                f"rank 0: {world_size - 1 - count} of the other {world_size - 1} ranks did not arrive within "
+                f"dist.timeout_s={timeout.total_seconds():g} s"
+            )
+        time.sleep(0.02)
+    return token
+
+
+# ---------------------------------------------------------------- failures of peers, in one line
+
+_GLOO_LOCATION = re.compile(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*")
+
+
+def _short(error: BaseException) -> str:
+    """The first line of a torch / gloo error, without the source location gloo puts first."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return _GLOO_LOCATION.sub("", lines[0])
+
+
+def _is_timeout(error: BaseException) -> bool:
+    return "timed out" in str(error).lower() or "timeout" in str(error).lower()
+
+
+def peer_failure(error: BaseException, rank: int) -> str | None:
+    """One line for an error that says another rank is gone or stalled; None for any other error."""
+    if isinstance(error, PeerTimeoutError):
+        return str(error)
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if _is_timeout(error) and (isinstance(error, dist.DistError) or "gloo" in text or "Watchdog" in text):
+        return (
+            f"rank {rank}: no answer from the other ranks within dist.timeout_s; a rank is gone or stalled "
+            f"({_short(error)})"
+        )
+    if any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Connection refused")):
+        return f"rank {rank}: another rank is gone ({_short(error)})"
+    return None
 
 
 def close_distributed(info: DistInfo) -> None:
     if info.initialized and dist.is_initialized():
         dist.destroy_process_group()
+        set_default_group_timeout(None)
