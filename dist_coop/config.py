@@ -19,10 +19,24 @@ from typing import Any
 
 import yaml
 
-from dist_coop.models.adaptive import GATE_MODES
-from dist_coop.models.masks import KEEP_MODES
-from dist_coop.models.norm import BN_MODES
-from dist_coop.models.registry import check_model_name
+# The choices, as data: this module imports nothing of the package (every other module may import it). The
+# modules that implement a choice check their own arguments too; tests/test_config.py checks the lists agree.
+MODEL_NAMES = (  # dist_coop.models.registry.MODELS
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "resnet110",
+    "resnet18_64",
+    "resnet34_64",
+    "tv_resnet18",
+    "tv_resnet34",
+    "tv_resnet50",
+)
+KEEP_MODES = ("prefix", "spread")  # dist_coop.models.masks
+GATE_MODES = ("learned", "none")  # dist_coop.models.adaptive
+BN_MODES = ("shared", "private")  # dist_coop.models.norm
+TASKS = ("cooperative", "independent")  # dist_coop.coop.task
+DATASETS = ("fashion_mnist",)  # dist_coop.data
 
 
 def _choice(section: str, name: str, value: object, choices: typing.Iterable[object]) -> None:
@@ -49,6 +63,11 @@ def check_device(value: str, name: str = "train.device") -> None:
         raise ValueError(f"{name} must be one of {', '.join(DEVICES)} (N: a GPU index), got {value!r}")
 
 
+def _model_name(name: str, field: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"{field}: unknown model {name!r}; available: {sorted(MODEL_NAMES)}")
+
+
 def _positive(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -70,9 +89,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _finite("model", self)
-        check_model_name(self.name, "model.name")
+        _model_name(self.name, "model.name")
         if self.leader_name:
-            check_model_name(self.leader_name, "model.leader_name")
+            _model_name(self.leader_name, "model.leader_name")
         _choice("model", "keep", self.keep, KEEP_MODES)
         _choice("model", "gate", self.gate, GATE_MODES)
         _choice("model", "bn", self.bn, BN_MODES)
@@ -80,9 +99,6 @@ class ModelConfig:
             _positive("model", name, getattr(self, name))
         for name in ("width", "leader_width"):
             _positive("model", name, getattr(self, name), allow_zero=True)
-
-
-TASKS = ("cooperative", "independent")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,9 +148,6 @@ class CoopConfig:
             raise ValueError("coop.sub_ce: false leaves the sub-nets no teacher; needs coop.self_kd or alpha > 0")
         if self.leader_kd > 0 and not self.leader:
             raise ValueError("coop.leader_kd > 0 needs coop.leader: true")
-
-
-DATASETS = ("fashion_mnist",)
 
 
 @dataclass(frozen=True, kw_only=True)

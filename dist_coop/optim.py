@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from dist_coop.config import OptimConfig
+
 
 def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv / linear weights only (not on BN affine, gates or biases)."""
@@ -21,15 +23,15 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or AdamW for ``cfg`` (an ``OptimConfig``)."""
+def build_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW."""
     groups = param_groups(net, cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def lr_factor(step: int, total_steps: int, cfg) -> float:
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of the base LR at ``step``: linear warm-up, then cosine to 0, step decay or constant."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -42,5 +44,5 @@ def lr_factor(step: int, total_steps: int, cfg) -> float:
     return cfg.step_gamma ** sum(progress >= m for m in cfg.milestones)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

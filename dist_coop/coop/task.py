@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dist_coop.config import CoopConfig
 from dist_coop.coop.losses import cross_entropy, gate_penalty, kd_loss, kd_ramp, sfsl_weights
 from dist_coop.models.adaptive import AdaptiveNet
 
@@ -45,7 +46,7 @@ class NetSpec:
 class CooperativeTask:
     """Leader + one or two Teammates with self-, interactive and guided learning (DESIGN.md section 1)."""
 
-    def __init__(self, coop, *, label_smoothing: float = 0.0) -> None:
+    def __init__(self, coop: CoopConfig, *, label_smoothing: float = 0.0) -> None:
         self.cfg = coop
         self.label_smoothing = label_smoothing
         self.factors = tuple(sorted(coop.scaling_factors))
@@ -175,7 +176,7 @@ class CooperativeTask:
 class IndependentTask:
     """The baseline a user would otherwise run: one separate net per depth, each trained with CE at its depth."""
 
-    def __init__(self, coop, *, label_smoothing: float = 0.0) -> None:
+    def __init__(self, coop: CoopConfig, *, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
         self.specs = [
             NetSpec(f"independent_{s}", False, (s,), s, "independent", (s,)) for s in sorted(coop.scaling_factors)
@@ -208,7 +209,7 @@ class IndependentTask:
 TASKS = {"cooperative": CooperativeTask, "independent": IndependentTask}
 
 
-def build_task(coop, *, label_smoothing: float = 0.0) -> CooperativeTask | IndependentTask:
+def build_task(coop: CoopConfig, *, label_smoothing: float = 0.0) -> CooperativeTask | IndependentTask:
     return TASKS[coop.task](coop, label_smoothing=label_smoothing)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_coop.config import DataConfig
 from dist_coop.data import fashion_mnist
 from dist_coop.data.memory import MemoryBatches, Split
 
@@ -22,8 +23,8 @@ class Data:
     calibration: Callable[[int], Iterator[torch.Tensor]]  # n -> un-augmented training images, normalised
 
 
-def build_data(cfg, *, seed: int, device: torch.device | str = "cpu") -> Data:
-    """Train and validation batches for ``cfg`` (a ``DataConfig``): in memory, or streamed from shards."""
+def build_data(cfg: DataConfig, *, seed: int, device: torch.device | str = "cpu") -> Data:
+    """Train and validation batches: in memory, or streamed from shards."""
     if cfg.shards:
         return _from_shards(cfg, seed=seed, device=device)
     if cfg.dataset != "fashion_mnist":  # config validation already restricts the names
@@ -55,7 +56,7 @@ def build_data(cfg, *, seed: int, device: torch.device | str = "cpu") -> Data:
     )
 
 
-def _from_shards(cfg, *, seed: int, device) -> Data:
+def _from_shards(cfg: DataConfig, *, seed: int, device: torch.device | str) -> Data:
     from dist_coop.data.shards import check_image_sizes, read_index
     from dist_coop.data.stream import ShardBatches
 

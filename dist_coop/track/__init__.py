@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dist_coop.config import TrackingConfig
 from dist_coop.track.base import FAILED, FINISHED, KILLED, NullTracker, Tracker, error_line
 
 
-def build_tracker(cfg, *, run_name: str, out_dir: str | Path, run_id: str = "", enabled: bool = True) -> Tracker:
-    """The tracker for ``cfg`` (a ``TrackingConfig``); ``enabled=False`` (ranks other than 0) gives a null one."""
+def build_tracker(
+    cfg: TrackingConfig, *, run_name: str, out_dir: str | Path, run_id: str = "", enabled: bool = True
+) -> Tracker:
+    """The tracker for ``cfg``; ``enabled=False`` (ranks other than 0) gives a null one."""
     if not enabled or cfg.backend == "none":
         return NullTracker()
     from dist_coop.track.mlflow_tracker import MlflowTracker, artifact_dir, default_uri

@@ -1,0 +1,103 @@
+"""The package's import graph, read from the source: config is a leaf and no module imports itself back.
+
+Every ``import`` statement counts, wherever it stands (inside a function, under ``TYPE_CHECKING``): an
+import moved into a function to dodge a circle is still a circle. An edge goes to the module named
+(``from dist_coop.models.adaptive import X`` -> ``dist_coop.models.adaptive``; ``from dist_coop.infer import
+commands`` -> ``dist_coop.infer.commands``); the package ``__init__`` a dotted name passes through is not
+counted, as Python runs it before the module but the module does not depend on it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from dist_coop import config
+from dist_coop.coop.task import TASKS
+from dist_coop.models.adaptive import GATE_MODES
+from dist_coop.models.masks import KEEP_MODES
+from dist_coop.models.norm import BN_MODES
+from dist_coop.models.registry import MODELS
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dist_coop"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: modules of the package it imports}`` for every ``.py`` file under dist_coop/."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from . import x / from ..a import b
+                    anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{anchor}.{base}" if base else anchor
+                # `from pkg import sub` imports the submodule pkg.sub when there is one
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            edges.update(t for t in targets if t in files and t != name)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_reader_finds_a_circle():
+    """The checker itself: a circle through a function-level import is found."""
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    graph = import_graph()
+    assert "dist_coop.models.adaptive" in graph["dist_coop.models.registry"]
+    assert "dist_coop.infer.commands" in graph["dist_coop.cli"]  # imported inside main()
+
+
+def test_config_is_a_leaf():
+    assert import_graph()["dist_coop.config"] == set()
+
+
+def test_the_choices_in_config_are_what_the_modules_accept():
+    assert set(config.MODEL_NAMES) == set(MODELS)
+    assert config.KEEP_MODES == KEEP_MODES
+    assert config.GATE_MODES == GATE_MODES
+    assert config.BN_MODES == BN_MODES
+    assert set(config.TASKS) == set(TASKS)
