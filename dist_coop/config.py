@@ -117,7 +117,7 @@ class CoopConfig:
     gamma: float = 1.0  # SFSL exponent; 0 = uniform weights
     leader_kd: float = 0.0  # Leader's KD from the Teammates' mean (off by default)
     kd_warmup: float = 0.3  # fraction of training over which KD weights ramp in from 0 (peer: peer_warmup)
-    peer_warmup: float = 0.3  # the same for the interactive (alpha, peer KD) terms alone
+    peer_warmup: float = 1.0  # the same for the interactive (peer KD) terms: over the whole run (docs/RESULTS.md)
     gate_reg: float = 0.0  # weight of sum_b (g_b - 1)^2 over the learned gates (0 = off)
     sub_guided: bool = False  # sub-nets also distil from the Leader (beta * KD(z_X^s, z_L))
     sub_ce: bool = True  # sub-nets learn from the labels too; False = in-place distillation (KD only)
