@@ -32,10 +32,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.run:
-        from dist_coop.cli import load_trainer
+        from dist_coop.run import load_run
 
-        trainer, _ = load_trainer(args.run, "cpu")
-        net, shape = trainer.nets[args.net], trainer.data.input_shape
+        run = load_run(args.run, nets=[args.net])
+        net, shape = run.nets[args.net], run.inputs.shape
     else:
         net = build_model(args.model, [0.25, 0.5, 0.75, 1.0], width=args.width, in_channels=args.in_channels)
         shape = (args.in_channels, args.size, args.size)

@@ -11,16 +11,16 @@ from typing import Any
 
 import torch
 
-from dist_coop.checkpoint import load_checkpoint
-from dist_coop.config import Config, check_device, config_from_dict, load_config, replace
-from dist_coop.data import build_data
-from dist_coop.dist.env import DistInfo, close_distributed, init_distributed, single_process
-from dist_coop.evaluate import results_table
+from dist_coop.config import Config, load_config
+from dist_coop.data import Data, build_data
+from dist_coop.dist.env import DistInfo, close_distributed, init_distributed
+from dist_coop.evaluate import evaluate_sums, results_table, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
 from dist_coop.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopSignal, interrupted
+from dist_coop.run import TrainerState, load_run, prepare_run_dir, require_device, resolve_resume
 from dist_coop.track import FAILED, FINISHED, KILLED, Tracker, build_tracker, error_line
-from dist_coop.trainer import TRAINER_STATE, Trainer, latest_checkpoint, prepare_run_dir
+from dist_coop.trainer import Trainer, resolve_amp
 
 
 def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
             data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
             _check_data_matches_model(cfg, data)
             resume = resolve_resume(cfg.train.resume, run_dir)
-            run_id = load_checkpoint(resume / TRAINER_STATE)["mlflow_run_id"] if resume else ""
+            run_id = TrainerState.load(resume).mlflow_run_id if resume else ""
             tracker = build_tracker(
                 cfg.tracking,
                 run_name=cfg.train.run_name,
@@ -55,14 +55,13 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
                 trainer = Trainer(cfg, data, run_dir=run_dir, dist=info, tracker=tracker, stop_requested=stop.requested)
                 if resume:
                     trainer.resume(resume)
-                trainer.mlflow_run_id = getattr(tracker, "run_id", "")
                 tracker.log_params(cfg.flat())
                 results = trainer.finish(trainer.train())
             except BaseException as e:
                 end_run(tracker, e)
                 raise
             end_run(tracker)
-            if info.is_main and getattr(tracker, "uri", ""):
+            if info.is_main and tracker.uri:
                 print(f"MLflow run {tracker.run_id} in {tracker.uri}; browse it with: dist-coop ui {run_dir}")
             return results
         finally:
@@ -84,19 +83,7 @@ def end_run(tracker: Tracker, error: BaseException | None = None) -> None:
         print(f"dist-coop: could not close the tracker's run as {status}: {e}", file=sys.stderr)
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """``""`` -> None; ``"auto"`` -> the run's latest checkpoint if any; else a checkpoint folder."""
-    if not resume:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise ValueError(f"train.resume: {path} is not a checkpoint folder (no {TRAINER_STATE})")
-    return path
-
-
-def _check_data_matches_model(cfg: Config, data) -> None:
+def _check_data_matches_model(cfg: Config, data: Data) -> None:
     if cfg.model.in_channels != data.in_channels or cfg.model.num_classes != data.num_classes:
         raise ValueError(
             f"model.in_channels/num_classes are {cfg.model.in_channels}/{cfg.model.num_classes} but "
@@ -104,48 +91,22 @@ def _check_data_matches_model(cfg: Config, data) -> None:
         )
 
 
-def require_device(name: str, field: str) -> None:
-    """The device named by ``field`` is a valid name and present on this machine (ValueError saying which not)."""
-    check_device(name, field)
-    if not name.startswith("cuda"):
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        build = "" if torch.version.cuda else f" (and torch {torch.__version__} is built without CUDA)"
-        raise ValueError(f"{field} is {name!r} but no CUDA GPU is present on this machine{build}; use auto or cpu")
-    index = int(name.split(":")[1]) if ":" in name else 0
-    if index >= count:
-        raise ValueError(f"{field} is {name!r} but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}")
-
-
-def load_trainer(path: str | Path, device: str = "auto") -> tuple[Trainer, Path]:
-    """A one-process Trainer holding the nets of a checkpoint folder (or a run directory's latest)."""
-    require_device(device, "--device")
-    folder = Path(path)
-    if not (folder / TRAINER_STATE).is_file():
-        latest = latest_checkpoint(folder)
-        if latest is None:
-            raise FileNotFoundError(f"{folder} is neither a checkpoint folder nor a run directory with checkpoints")
-        folder = latest
-    cfg = config_from_dict(load_checkpoint(folder / TRAINER_STATE)["config"])
-    if cfg.dist.engine != "torch":
-        raise ValueError("this command reads checkpoints of the torch engine; DeepSpeed ones need the same world size")
-    cfg = replace(cfg, dist={"placement": "colocated"}, tracking={"backend": "none"})
-    info = single_process(device)
-    data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
-    trainer = Trainer(cfg, data, run_dir=folder.parent.parent, dist=info)
-    trainer.resume(folder)
-    return trainer, folder
-
-
-def evaluate_checkpoint(folder: str | Path, device: str = "auto") -> str:
-    """Evaluate every net of a checkpoint folder at every depth on its config's validation data; returns the table."""
-    trainer, _ = load_trainer(folder, device)
-    metrics = trainer.evaluate()
-    costs = {}
-    for spec in trainer.task.specs:
-        costs.update(cost_metrics(spec.metric, trainer.nets[spec.name], trainer.data.input_shape))
-    return results_table(trainer.task.specs, metrics, costs)
+def evaluate_checkpoint(path: str | Path, device: str = "auto") -> str:
+    """Every net of a run folder's latest checkpoint (or of a checkpoint folder) at every depth, on its config's
+    validation data; returns the results table."""
+    run = load_run(path, require_device(device, "--device"))
+    cfg = run.config
+    data = build_data(cfg.data, seed=cfg.train.seed, device=run.device)
+    amp = None if cfg.dist.engine == "deepspeed" else resolve_amp(cfg.optim.amp, run.device)
+    autocast = (lambda: torch.autocast(run.device.type, dtype=amp)) if amp is not None else None
+    metrics, costs = {}, {}
+    for spec in run.specs:
+        net = run.nets[spec.name]
+        for s in spec.eval_depths:
+            sums = evaluate_sums(net, data.val.epoch(0), s, autocast)
+            metrics.update({f"val/{key}/{spec.metric(s)}": value for key, value in sums_to_metrics(sums).items()})
+        costs.update(cost_metrics(spec.metric, net, run.inputs.shape))
+    return results_table(run.specs, metrics, costs)
 
 
 def write_shards_command(args: argparse.Namespace) -> None:

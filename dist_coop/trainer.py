@@ -9,8 +9,6 @@ steps, and the loop logs. Loss terms and ablations live in the task; placement i
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dist_coop.checkpoint import load_checkpoint, save_checkpoint
-from dist_coop.config import Config, save_config
+from dist_coop.config import Config
 from dist_coop.coop.task import build_task, net_of
 from dist_coop.data import Data
 from dist_coop.dist.comm import LogitExchange, all_reduce_sum, barrier, build_groups, gather_to_main
@@ -33,11 +30,20 @@ from dist_coop.infer.cost import cost_metrics
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.models.registry import build_from_config
 from dist_coop.preempt import Preempted
+from dist_coop.run import (
+    CONFIG,
+    PLOT,
+    Inputs,
+    TrainerState,
+    checkpoint_dir,
+    latest_checkpoint,
+    mark_latest,
+    write_results,
+)
 from dist_coop.track import NullTracker, Tracker
 from dist_coop.track.plots import plot_accuracy_vs_flops
 
 DEFAULT_CALIBRATION_SAMPLES = 2000  # for depths no loss term trains, when train.recalibrate_bn is 0
-CHECKPOINTS, LATEST, TRAINER_STATE = "checkpoints", "latest", "trainer.pt"
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -51,12 +57,6 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     return torch.bfloat16
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (its tag is written last, atomically)."""
-    marker = Path(run_dir) / CHECKPOINTS / LATEST
-    return marker.parent / marker.read_text().strip() if marker.is_file() else None
 
 
 class Trainer:
@@ -84,6 +84,7 @@ class Trainer:
         shard = self.placement.exchange_index(self.dist.rank)
         self.train_data = data.train.sharded(shard, self.placement.num_shards)
         self.data = data
+        self.inputs = Inputs(data.input_shape, data.train.mean, data.train.std, data.classes)  # kept in checkpoints
         self.steps_per_epoch = len(self.train_data)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
@@ -102,7 +103,6 @@ class Trainer:
             stop_requested=stop_requested,
         )
         self.step = 0  # optimizer steps done
-        self.mlflow_run_id = ""
         self.train_seconds, self.train_samples = 0.0, 0  # this process, this launch (throughput)
         self.evaluated_at = -1  # step of the last evaluation of the trained depths (same on every rank)
 
@@ -316,15 +316,14 @@ class Trainer:
         self.tracker.log_metrics(self.step, {**metrics, **costs})
         table = results_table(self.task.specs, metrics, costs)
         self.log("\n" + table)
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        (self.run_dir / "results.txt").write_text(table + "\n")
+        results_json, results_txt = write_results(self.run_dir, results, table)
         curves: dict[str, dict[float, tuple[float, float]]] = {}
         for spec in self.task.specs:
             for s in spec.eval_depths:
                 m = spec.metric(s)
                 curves.setdefault(spec.role or spec.name, {})[s] = (costs[f"cost/gflops/{m}"], metrics[f"val/acc1/{m}"])
-        plot = plot_accuracy_vs_flops(curves, self.run_dir / "accuracy_vs_gflops.png", self.cfg.train.run_name)
-        for path in (self.run_dir / "config.yaml", self.run_dir / "results.txt", self.run_dir / "results.json", plot):
+        plot = plot_accuracy_vs_flops(curves, self.run_dir / PLOT, self.cfg.train.run_name)
+        for path in (self.run_dir / CONFIG, results_txt, results_json, plot):
             self.tracker.log_artifact(path)
         self.tracker.log_artifact(latest_checkpoint(self.run_dir))
         return results
@@ -337,7 +336,8 @@ class Trainer:
         Every rank agrees on the tag (the step). A crash mid-save leaves the previous tag in force, and so
         do non-finite weights: they are refused (``NonFiniteError``) before anything is written.
         """
-        tag = f"step_{self.step:08d}"
+        folder = checkpoint_dir(self.run_dir, self.step)
+        tag = folder.name
         bad = nonfinite_nets(self.nets, self.guard.net_names, self.dist)
         if bad:
             last = latest_checkpoint(self.run_dir)
@@ -345,46 +345,31 @@ class Trainer:
                 f"refusing to save checkpoint {tag}: non-finite weights in {', '.join(bad)}; "
                 + (f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint was written")
             )
-        folder = self.run_dir / CHECKPOINTS / tag
         folder.mkdir(parents=True, exist_ok=True)
         for name, engine in self.engines.items():
             engine.save(folder, name)
         barrier(self.dist)
         if self.dist.is_main:
-            state = {
-                "step": self.step,
-                "config": self.cfg.to_dict(),
-                "mlflow_run_id": self.mlflow_run_id,
-                "rng": torch.get_rng_state(),
-                "guard": self.guard.state_dict(),
-            }
-            save_checkpoint(state, folder / TRAINER_STATE)
-            marker = self.run_dir / CHECKPOINTS / LATEST
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(tag)
-            tmp.replace(marker)
-            tags = sorted(p for p in marker.parent.glob("step_*") if p.is_dir())
-            for old in tags[: -self.cfg.dist.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            state = TrainerState(
+                step=self.step,
+                config=self.cfg.to_dict(),
+                mlflow_run_id=self.tracker.run_id,
+                rng=torch.get_rng_state(),
+                guard=self.guard.state_dict(),
+                inputs=self.inputs,
+            )
+            state.save(folder)
+            mark_latest(folder, keep=self.cfg.dist.keep_checkpoints)
         barrier(self.dist)
         return folder
 
     def resume(self, folder: str | Path) -> None:
         """Load every local engine and the trainer state from a checkpoint folder (``checkpoints/step_N``)."""
         folder = Path(folder)
-        state = load_checkpoint(folder / TRAINER_STATE)
+        state = TrainerState.load(folder)
         for name, engine in self.engines.items():
             engine.load(folder, name)
-        self.step = int(state["step"])
-        torch.set_rng_state(state["rng"])
-        self.guard.load_state_dict(state.get("guard", {}))
-        self.mlflow_run_id = state.get("mlflow_run_id", "")
+        self.step = state.step
+        torch.set_rng_state(state.rng)
+        self.guard.load_state_dict(state.guard)
         self.log(f"resumed from {folder} at step {self.step}")
-
-
-def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
-    run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or "run")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    return run_dir

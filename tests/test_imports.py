@@ -101,3 +101,7 @@ def test_the_choices_in_config_are_what_the_modules_accept():
     assert config.GATE_MODES == GATE_MODES
     assert config.BN_MODES == BN_MODES
     assert set(config.TASKS) == set(TASKS)
+
+
+def test_no_import_circle_in_the_package():
+    assert cycles(import_graph()) == []

@@ -144,7 +144,7 @@ def test_profile_export_stream_commands_on_a_trained_run(tmp_path, fmnist_root, 
 def _export_with_deprecations_as_errors(run: str, tmp_path: Path) -> None:
     """The real CLI in a fresh interpreter, deprecation and future warnings as errors: the default format (pt2)
     and ONNX, each equal to the adaptive net at that depth at batch 1 and 5."""
-    from dist_coop.cli import load_trainer
+    from dist_coop.run import load_run
 
     flags = ["-W", "error::DeprecationWarning", "-W", "error::FutureWarning"]
     cli = [sys.executable, *flags, "-m", "dist_coop.cli", "export", run, "--depth", "0.5"]
@@ -153,7 +153,7 @@ def _export_with_deprecations_as_errors(run: str, tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         assert "Warning" not in done.stderr, done.stderr
         assert f"written as {'onnx' if extra else 'pt2'} to" in done.stdout
-    net = load_trainer(run, "cpu")[0].nets["teammate_a"].eval()
+    net = load_run(run).nets["teammate_a"]
     program = torch.export.load(tmp_path / "m.pt2").module()
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

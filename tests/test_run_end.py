@@ -19,7 +19,8 @@ from dist_coop.data import build_data
 from dist_coop.dist.env import DistInfo
 from dist_coop.guard import NonFiniteError
 from dist_coop.preempt import EXIT_PREEMPTED
-from dist_coop.trainer import Trainer, latest_checkpoint
+from dist_coop.run import latest_checkpoint
+from dist_coop.trainer import Trainer
 from tests.dist_helpers import free_port, run_steps, spawn
 from tests.helpers import RANKS, TINY, tiny_config
 

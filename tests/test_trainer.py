@@ -8,7 +8,8 @@ import torch
 from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.cli import evaluate_checkpoint, run_training
 from dist_coop.data import build_data
-from dist_coop.trainer import TRAINER_STATE, Trainer, latest_checkpoint, resolve_amp
+from dist_coop.run import TRAINER_STATE, latest_checkpoint
+from dist_coop.trainer import Trainer, resolve_amp
 from tests.helpers import RecordingTracker, tiny_config
 
 

@@ -1,9 +1,9 @@
-"""``dist-coop profile | export | stream``: deploy a trained net."""
+"""``dist-coop profile | export | stream``: deploy a trained net, read from its run folder by ``load_run`` (no
+trainer, optimizer or dataset is built)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from dist_coop.infer.budget import choose_depth
 from dist_coop.infer.controller import AdaptiveRunner, DepthController
 from dist_coop.infer.export import DEFAULT_FORMAT, FORMATS, LEGACY_FORMATS, SUFFIXES, check_out_path, export
 from dist_coop.infer.profile import Profile, profile_net
+from dist_coop.run import Run, depth_accuracy, load_run, profile_path, require_device
 
 
 def add_parsers(sub, parents: list[argparse.ArgumentParser] | None = None) -> None:
@@ -67,34 +68,16 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser] | None = None) -> No
     )
 
 
-def _net(trainer, name: str):
-    if name not in trainer.nets:
-        raise ValueError(f"--net {name!r}: this checkpoint holds {sorted(trainer.nets)}")
-    return trainer.nets[name]
-
-
-def _accuracy(folder: Path, metric_prefix: str) -> dict[float, float]:
-    results = folder.parent.parent / "results.json"
-    if not results.is_file():
-        return {}
-    metrics = json.loads(results.read_text())["metrics"]
-    prefix = f"val/acc1/{metric_prefix}@"
-    return {float(k[len(prefix) :]): v for k, v in metrics.items() if k.startswith(prefix)}
-
-
 def profile_command(args: argparse.Namespace) -> Profile:
-    from dist_coop.cli import load_trainer
-
-    trainer, folder = load_trainer(args.run, args.device)
-    net = _net(trainer, args.net)
+    run = load_run(args.run, require_device(args.device, "--device"), nets=[args.net])
     profile = profile_net(
-        net,
-        trainer.data.input_shape,
+        run.nets[args.net],
+        run.inputs.shape,
         batch_sizes=sorted({1, args.batch}),
-        accuracy=_accuracy(folder, args.net),
+        accuracy=depth_accuracy(run.folder, args.net),
         repeats=args.repeats,
     )
-    path = profile.save(folder.parent.parent / f"profile_{args.net}.json")
+    path = profile.save(profile_path(run.folder, args.net))
     print(profile.table())
     print(f"profile written to {path}")
     if args.max_gflops is not None or args.max_latency_ms is not None or args.max_params is not None:
@@ -108,33 +91,27 @@ def profile_command(args: argparse.Namespace) -> Profile:
         print(
             f"budget -> depth {d.s} ({d.blocks} blocks, {d.gflops:.4f} GFLOPs, {d.latency_ms.get(args.budget_batch, float('nan')):.3f} ms, top-1 {d.accuracy})"
         )
-    _log_to_mlflow(trainer, folder, profile, args.net, path)
+    _log_to_mlflow(run, profile, args.net, path)
     return profile
 
 
-def _log_to_mlflow(trainer, folder: Path, profile: Profile, net: str, path: Path) -> None:
+def _log_to_mlflow(run: Run, profile: Profile, net: str, path: Path) -> None:
     """Add the profile to the run's MLflow run when it was tracked."""
-    from dist_coop.checkpoint import load_checkpoint
-    from dist_coop.config import config_from_dict
-
-    state = load_checkpoint(folder / "trainer.pt")
-    cfg = config_from_dict(state["config"])
-    if cfg.tracking.backend != "mlflow" or not state.get("mlflow_run_id"):
+    cfg = run.config
+    if cfg.tracking.backend != "mlflow" or not run.mlflow_run_id:
         return
     from dist_coop.track.mlflow_tracker import MlflowTracker, default_uri
 
     tracker = MlflowTracker(
-        cfg.tracking.uri or default_uri(cfg.train.out_dir), cfg.tracking.experiment, "", state["mlflow_run_id"]
+        cfg.tracking.uri or default_uri(cfg.train.out_dir), cfg.tracking.experiment, "", run.mlflow_run_id
     )
     metrics = {f"profile/latency_ms_b{b}/{net}@{d.s}": ms for d in profile.depths for b, ms in d.latency_ms.items()}
-    tracker.log_metrics(trainer.step, metrics)
+    tracker.log_metrics(run.step, metrics)
     tracker.log_artifact(path)
     tracker.close(tracker.previous_status if tracker.previous_status in ("FAILED", "KILLED") else "FINISHED")
 
 
 def export_command(args: argparse.Namespace) -> Path:
-    from dist_coop.cli import load_trainer
-
     check_out_path(args.out, "--out", f"{args.net}_{args.depth:g}.{SUFFIXES[args.format]}")  # before loading nets
     if args.format in LEGACY_FORMATS:
         print(
@@ -142,42 +119,38 @@ def export_command(args: argparse.Namespace) -> Path:
             "prefer --format pt2 or onnx",
             file=sys.stderr,
         )
-    trainer, _ = load_trainer(args.run, "cpu")
-    path = export(_net(trainer, args.net), args.depth, args.out, args.format, trainer.data.input_shape)
+    run = load_run(args.run, "cpu", nets=[args.net])
+    path = export(run.nets[args.net], args.depth, args.out, args.format, run.inputs.shape)
     print(f"depth {args.depth} of {args.net} written as {args.format} to {path}")
     return path
 
 
 def stream_command(args: argparse.Namespace) -> str:
-    from dist_coop.cli import load_trainer
     from dist_coop.data.video import ffmpeg_frames
+    from dist_coop.infer.profile import measure_latency
     from dist_coop.infer.stream import clip_fps, plot_stream, run_stream, summarize
 
     fps = args.fps or clip_fps(args.video)  # a missing, unreadable or audio-only file fails here, before the nets load
     if args.threads:
         torch.set_num_threads(args.threads)
-    trainer, _ = load_trainer(args.run, args.device)
-    net = _net(trainer, args.net)
-    c, h, w = trainer.data.input_shape
-    x = torch.zeros(1, c, h, w, device=trainer.device)
-    from dist_coop.infer.profile import measure_latency
-
-    net.eval()
+    run = load_run(args.run, require_device(args.device, "--device"), nets=[args.net])
+    net = run.nets[args.net]
+    c, h, w = run.inputs.shape
+    x = torch.zeros(1, c, h, w, device=run.device)
     base = {}
     for s in net.scaling_factors:
         with net.at_depth(s):
             base[s] = measure_latency(net, x, repeats=20, warmup=3)
     runner = AdaptiveRunner(net, DepthController(base, args.target_ms))
-    mean, std = trainer.data.train.mean, trainer.data.train.std
     results = run_stream(
         runner,
         ffmpeg_frames(args.video, height=h, width=w, channels=c, fps=args.fps or None),
-        mean=mean,
-        std=std,
-        classes=trainer.data.classes,
+        mean=run.inputs.mean,
+        std=run.inputs.std,
+        classes=run.inputs.classes,
         fps=fps,
         pace=not args.no_pace,
-        device=trainer.device,
+        device=run.device,
         printer=None if args.quiet else print,
     )
     summary = summarize(results, args.target_ms)

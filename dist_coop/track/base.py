@@ -9,6 +9,9 @@ FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # how a run ends (MLf
 
 
 class Tracker(Protocol):
+    run_id: str  # the backend's id of the run, kept in checkpoints so a resumed job continues it ("": none)
+    uri: str  # where the run is stored, for the user to browse ("": nowhere)
+
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
@@ -27,6 +30,7 @@ class NullTracker:
     """Logs nothing (tracking off, and every rank but 0)."""
 
     run_id: str = ""
+    uri: str = ""
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
