@@ -33,7 +33,7 @@ from ablation_report import RUNGS, aggregate, check_targets, plot_ladder, render
 
 REPORTED_NETS = ("teammate_a", "independent")  # the first one a run has is the one reported
 SPEC_KEYS = ("command", "schedule", "seeds", "rungs", "variants")
-VARIANT_KEYS = ("name", "config", "overrides", "seeds", "note")
+VARIANT_KEYS = ("name", "config", "overrides", "seeds", "note", "against")
 TAIL_LINES = 40
 
 
@@ -50,6 +50,7 @@ class Row:
     seeds: tuple[int, ...]
     overrides: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    against: str = "ctf"  # a variant is compared with this row, on the variant's seeds (paired)
 
 
 @dataclass(frozen=True)
@@ -150,11 +151,15 @@ def parse_spec(data: Any, sets: Mapping[str, Any] | None = None) -> Spec:
         note = v.get("note", "")
         if not isinstance(note, str):
             raise ValueError(f"{where}.note must be a string, got {note!r}")
+        against = v.get("against", "ctf")
+        if against not in RUNGS and not any(r.name == against for r in rows):
+            raise ValueError(f"{where}.against must name a rung or an earlier variant, got {against!r}")
         rows.append(
             Row(
                 name=name,
                 config=_config(f"{where}.config", v["config"]),
                 rung=None,
+                against=against,
                 seeds=_seeds(f"{where}.seeds", v["seeds"]) if "seeds" in v else seeds,
                 overrides=_settings(f"{where}.overrides", v.get("overrides")),
                 note=note,

@@ -78,9 +78,26 @@ def aggregate(spec: Spec, records: Sequence[Mapping[str, Any]]) -> dict[str, Any
                 "config": row.config,
                 "overrides": row.overrides,
                 "note": row.note,
+                "against": row.against,
                 **summary,
             }
     return out
+
+
+def on_seeds(summary: Mapping[str, Any], seeds: Sequence[int]) -> dict[str, Any] | None:
+    """``summary`` restricted to ``seeds`` (mean and std recomputed); None if it has none of them."""
+    keep = [i for i, s in enumerate(summary["seeds"]) if s in seeds]
+    if not keep:
+        return None
+    top1 = {d: [v[i] for i in keep] for d, v in summary["top1"].items()}
+    stats = {d: mean_std(v) for d, v in top1.items()}
+    return {
+        **summary,
+        "seeds": [summary["seeds"][i] for i in keep],
+        "top1": top1,
+        "mean": {d: m for d, (m, _) in stats.items()},
+        "std": {d: s for d, (_, s) in stats.items()},
+    }
 
 
 def difference(a: Mapping[str, Any], b: Mapping[str, Any], depth: str) -> tuple[float | None, float | None]:
@@ -248,13 +265,22 @@ def render_markdown(
 
     lines += ["## Recipe variants tried", ""]
     if variants:
-        ctf = rungs.get("ctf")
-        header = ["variant", "note", "seeds (n)", *(f"top-1 s={d}" for d in depths), *(f"Δ ctf s={d}" for d in depths)]
+        header = [
+            "variant",
+            "note",
+            "seeds (n)",
+            *(f"top-1 s={d}" for d in depths),
+            "against",
+            *(f"Δ s={d}" for d in depths),
+        ]
         body = []
         for name, v in variants.items():
+            against = v.get("against", "ctf")
+            base = {**rungs, **variants}.get(against)
+            base = on_seeds(base, v["seeds"]) if base else None
             acc = [_pm(v["mean"].get(d), v["std"].get(d)) for d in depths]
-            dif = [_pm(*difference(v, ctf, d), signed=True) if ctf else "—" for d in depths]
-            body.append([name, v["note"] or "—", str(len(v["seeds"])), *acc, *dif])
+            dif = [_pm(*difference(v, base, d), signed=True) if base else "—" for d in depths]
+            body.append([name, v["note"] or "—", str(len(v["seeds"])), *acc, against, *dif])
         lines += [*_table(header, body), ""]
     else:
         lines += ["None yet.", ""]

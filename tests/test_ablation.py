@@ -309,3 +309,29 @@ def test_sweep_end_to_end(tmp_path, fmnist_root):
     assert "--train.max_steps=2" in rec["overrides"] and rec["step"] == 2
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)  # resumed: nothing to do
     assert again.returncode == 0 and "2 of 2 runs done; 0 to run" in again.stdout
+
+
+def test_variant_is_compared_with_its_baseline_on_its_own_seeds():
+    data = _spec_data()
+    data["variants"] = [
+        {"name": "ctf_T4", "config": "configs/ablation/6_full_ctf.yaml", "overrides": {"coop.temperature": 4.0},
+         "seeds": [0, 1], "note": "T=4"},
+        {"name": "ctf_T4_a2", "config": "configs/ablation/6_full_ctf.yaml", "seeds": [1], "against": "ctf_T4",
+         "overrides": {"coop.temperature": 4.0, "coop.alpha": 2.0}},
+    ]  # fmt: skip
+    spec = ab.parse_spec(data)
+    assert spec.row("ctf_T4").against == "ctf" and spec.row("ctf_T4_a2").against == "ctf_T4"
+    accs = {("ctf", 0): [70, 72, 73, 74], ("ctf", 1): [72, 74, 75, 76], ("ctf", 2): [90, 90, 90, 90],
+            ("ctf_T4", 0): [71, 71, 71, 71], ("ctf_T4", 1): [73, 73, 73, 73], ("ctf_T4_a2", 1): [74, 74, 74, 74]}  # fmt: skip
+    ladder = rp.aggregate(spec, _records(spec, accs))
+    md = rp.render_markdown(ladder, rp.check_targets(ladder), generated_by="GEN")
+    # ctf on seeds 0 and 1 only (means 71, 73, 74, 75; std 1.41), not on all three: paired with the variant
+    row = "| ctf_T4 | T=4 | 2 | 72.00 ± 1.41 | 72.00 ± 1.41 | 72.00 ± 1.41 | 72.00 ± 1.41 | ctf | +1.00 ± 2.00 |"
+    assert row.replace("+1.00 ± 2.00", "+1.00 ± 1.41 | -1.00 ± 1.41 | -2.00 ± 1.41 | -3.00 ± 1.41") in md
+    assert "| ctf_T4 | +1.00 ± — | +1.00 ± — | +1.00 ± — | +1.00 ± — |" in md  # seed 1: 74 - 73
+    base = rp.on_seeds(ladder["rungs"]["ctf"], [2])
+    assert base["seeds"] == [2] and base["mean"]["1.0"] == 90 and rp.on_seeds(ladder["rungs"]["ctf"], [5]) is None
+    with pytest.raises(ValueError, match="variants.x.against must name a rung or an earlier variant"):
+        ab.parse_spec(
+            {**data, "variants": [{"name": "x", "config": "configs/ablation/6_full_ctf.yaml", "against": "y"}]}
+        )
