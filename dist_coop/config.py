@@ -84,6 +84,9 @@ class ModelConfig:
     bn: str = "shared"  # shared (per-depth statistics) | private (switchable BN)
     zero_init: bool = False  # skippable blocks start as the identity (last BN of the branch zeroed)
     head_norm: bool = True  # BN (per-depth statistics) on the pooled features before the shared classifier
+    # compute what several depths compute alike (stem, common blocks) once per step; exact, see
+    # AdaptiveNet.branch_starts (it applies in training with bn: shared); false = every depth its whole forward
+    share_prefix: bool = True
     leader_name: str = ""  # "" = same backbone as the Teammates
     leader_width: int = 0  # 0 = same width as the Teammates
 

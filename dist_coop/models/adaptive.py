@@ -11,6 +11,11 @@
 Block j >= 1 of a stage must keep the shape (identity shortcut). Our blocks compute
 ``relu(x + g * F(x))``; x is itself a ReLU output (>= 0), so a skipped block is exactly the
 identity ``x = relu(x + 0 * F(x))``: the design's ``y = x + m * g * F(x)`` with m = 0.
+
+Depths that run the same blocks on the same input compute the same activation (in training mode,
+with shared BN affine: BN normalises with the batch's statistics). ``net(x, depths=...)`` computes
+that shared part once and ``net(h, depth=s, start=p)`` each depth's own rest (``share_prefix``);
+each depth's BN statistics row is updated as its own forward would update it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from dist_coop.models.masks import Mask, depth_masks, mask_blocks
+from dist_coop.models.masks import Mask, branch_starts, depth_masks, mask_blocks
 from dist_coop.models.norm import DepthBatchNorm2d, convert_batchnorm
 
 GATE_MODES = ("learned", "none")
@@ -50,6 +55,19 @@ def _last_branch_bn(block: nn.Module) -> nn.Module:
     return bns[-1]
 
 
+@contextmanager
+def _shared_rows(norms: Iterable[DepthBatchNorm2d], rows: Sequence[int]) -> Iterator[None]:
+    """While an activation is computed once for the depths of ``rows``: each BN updates all their rows."""
+    norms = list(norms)
+    for norm in norms:
+        norm.shared_rows = tuple(rows)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.shared_rows = ()
+
+
 class AdaptiveNet(nn.Module):
     """A backbone whose depth is chosen at run time by ``set_depth(s)``."""
 
@@ -63,6 +81,7 @@ class AdaptiveNet(nn.Module):
         gate: str = "learned",
         bn: str = "shared",
         zero_init: bool = False,
+        share_prefix: bool = True,
     ) -> None:
         super().__init__()
         if gate not in GATE_MODES:
@@ -84,6 +103,13 @@ class AdaptiveNet(nn.Module):
         self.masks: dict[float, Mask] = depth_masks(self.stage_sizes, self.scaling_factors, keep)
         convert_batchnorm(backbone, len(self.scaling_factors), mode=bn, gated=gated)
         self._norms = [m for m in self.modules() if isinstance(m, DepthBatchNorm2d)]
+        self.bn, self.share_prefix = bn, share_prefix
+        # every block in order, stage by stage (position p of masks.branch_starts), its BNs, each depth's flat mask
+        self._blocks = [block for stage in self.stages for block in stage]
+        self._block_norms = [[m for m in b.modules() if isinstance(m, DepthBatchNorm2d)] for b in self._blocks]
+        self._flat_masks = {s: [kept for stage in m for kept in stage] for s, m in self.masks.items()}
+        # the shared part needs a backbone split into stem(x), the stages, head(h) (ours; not torchvision's)
+        self._splittable = callable(getattr(backbone, "stem", None)) and callable(getattr(backbone, "head", None))
         if zero_init:  # every skippable block starts as the identity and grows in (Goyal et al. 2017)
             with torch.no_grad():
                 for stage in self.stages:
@@ -135,8 +161,75 @@ class AdaptiveNet(nn.Module):
             for stage in self.stages
         ]
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
+    def branch_starts(self, depths: Sequence[float]) -> dict[float, int]:
+        """Where each depth's own computation starts after ``net(x, depths=depths)`` (``masks.branch_starts``).
+
+        All -1 (nothing shared: each depth runs its whole forward) unless sharing is exact: ``share_prefix``
+        on, shared BN affine, training mode (in eval mode each depth normalises with its own statistics)
+        and a backbone with ``stem()`` and ``head()``.
+        """
+        for s in depths:
+            if s not in self.masks:
+                raise ValueError(f"scaling factor {s} is not one of this net's depths {list(self.scaling_factors)}")
+        if not (self.share_prefix and self.bn == "shared" and self.training and self._splittable):
+            return dict.fromkeys(depths, -1)
+        return branch_starts(self.masks, list(depths))
+
+    def forward(
+        self, x: Tensor, *, depths: Sequence[float] | None = None, depth: float | None = None, start: int = -1
+    ) -> Tensor | dict[float, Tensor]:
+        """``net(x)``: (B, num_classes) logits at the current depth.
+
+        ``net(x, depths=D)``: what the depths of D compute alike, computed once; returns ``{s: h_s}``, the
+        input of depth s's own computation (``x`` itself where ``branch_starts`` says -1).
+        ``net(h_s, depth=s, start=p)``: depth s's logits from there on, p = ``branch_starts(D)[s]``.
+        (One ``forward`` with keywords, not three methods: engines such as DeepSpeed's wrap ``forward``.)
+        """
+        if depths is not None:
+            return self._trunk(x, depths)
+        if depth is not None:
+            return self._branch(x, depth, start)
         return self.backbone(x)
+
+    def forward_depths(self, x: Tensor, depths: Sequence[float]) -> dict[float, Tensor]:
+        """Logits of every depth of ``depths`` on ``x``, shared work done once: ``{s: (B, num_classes)}``."""
+        inputs, starts = self(x, depths=depths), self.branch_starts(depths)
+        return {s: self(inputs[s], depth=s, start=starts[s]) for s in depths}
+
+    def _trunk(self, x: Tensor, depths: Sequence[float]) -> dict[float, Tensor]:
+        starts = self.branch_starts(depths)
+        out = {s: x for s, p in starts.items() if p < 0}
+        shared = [s for s, p in starts.items() if p >= 0]
+        if not shared:
+            return out
+        rows = {s: self.scaling_factors.index(s) for s in shared}
+        with _shared_rows(self._norms, list(rows.values())):  # only the stem's BNs run here
+            h = self.backbone.stem(x)  # (B, C, H, W)
+        held = dict.fromkeys(shared, h)  # depth -> its activation; depths with one history hold one tensor
+        for p, block in enumerate(self._blocks):
+            for s in [s for s in held if starts[s] == p]:
+                out[s] = held.pop(s)
+            groups: dict[int, list[float]] = {}
+            for s, h in held.items():
+                groups.setdefault(id(h), []).append(s)
+            for group in groups.values():
+                runners = [s for s in group if self._flat_masks[s][p]]  # two or more, or none (branch_starts)
+                if runners:
+                    with _shared_rows(self._block_norms[p], [rows[s] for s in runners]):
+                        h = block(held[runners[0]])
+                    held.update(dict.fromkeys(runners, h))
+        assert not held, f"depths {list(held)} never started their own computation"
+        return out
+
+    def _branch(self, h: Tensor, s: float, start: int) -> Tensor:
+        with self.at_depth(s):
+            if start < 0:
+                return self.backbone(h)
+            mask = self._flat_masks[s]
+            for p in range(start, len(self._blocks)):
+                if mask[p]:
+                    h = self._blocks[p](h)
+            return self.backbone.head(h)
 
 
 @torch.no_grad()

@@ -79,3 +79,33 @@ def depth_masks(stage_sizes: Sequence[int], factors: Sequence[float], keep: str 
 def mask_blocks(mask: Mask) -> int:
     """Number of blocks that run under ``mask``."""
     return sum(sum(stage) for stage in mask)
+
+
+def branch_starts(masks: dict[float, Mask], depths: Sequence[float]) -> dict[float, int]:
+    """Where each depth's own computation starts when what several depths compute alike is computed once.
+
+    Blocks are numbered p = 0, 1, ... stage by stage. Depths that have run the same blocks so far
+    hold the same activation (with shared BN affine, in training mode). At block p a group of such
+    depths splits into those that run it and those that skip it; a depth left alone starts its own
+    computation at p (running the blocks its mask keeps from p on). Every block a group of two or
+    more depths runs is computed once for all of them. With ``keep: prefix`` and resnet32's 1/3/4/5
+    blocks per stage, stage 1 is computed as blocks 0-3 once plus block 4 for the full depth: 5
+    block runs instead of 13. One depth alone shares nothing: it starts at -1, before the stem.
+    """
+    flat = {s: [kept for stage in masks[s] for kept in stage] for s in depths}
+    if len(depths) < 2:
+        return dict.fromkeys(depths, -1)
+    starts: dict[float, int] = {}
+    groups = [list(depths)]
+    for p in range(len(flat[depths[0]])):
+        next_groups = []
+        for group in groups:
+            for part in ([s for s in group if flat[s][p]], [s for s in group if not flat[s][p]]):
+                if len(part) == 1:
+                    starts[part[0]] = p
+                elif part:
+                    next_groups.append(part)
+        groups = next_groups
+    if groups:  # depth_masks refuses two factors with one mask
+        raise ValueError(f"depths {groups[0]} have the same depth mask")
+    return starts

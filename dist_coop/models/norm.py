@@ -45,6 +45,9 @@ class DepthBatchNorm2d(nn.Module):
         self.depth_index = num_depths - 1  # full depth until told otherwise
         self.cumulative = False  # recalibration: exact average over the batches seen
         self._num_seen = [0] * num_depths
+        # set while an activation shared by several depths is computed once (AdaptiveNet.forward(x, depths=...)):
+        # the depth indices whose statistics rows this batch updates, as each depth's own forward would
+        self.shared_rows: tuple[int, ...] = ()
 
     @classmethod
     def from_batchnorm(
@@ -75,6 +78,8 @@ class DepthBatchNorm2d(nn.Module):
         return w, b
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        if self.shared_rows:
+            return self._shared_forward(x)
         d = self.depth_index
         w, b = self.affine(d)
         momentum = self.momentum
@@ -82,6 +87,23 @@ class DepthBatchNorm2d(nn.Module):
             self._num_seen[d] += 1
             momentum = 1.0 / self._num_seen[d]
         return F.batch_norm(x, self.running_mean[d], self.running_var[d], w, b, self.training, momentum, self.eps)
+
+    def _shared_forward(self, x: Tensor) -> Tensor:
+        """One output for several depths: in training mode it depends on the batch only (shared affine).
+
+        The first row's update comes with the output; every other row gets the same call without the
+        output's graph: the very update that depth's own forward would make (bit for bit).
+        """
+        assert self.training and self.mode == "shared" and not self.cumulative, (
+            "shared rows need shared-affine training"
+        )
+        first, *rest = self.shared_rows
+        w, b = self.affine(first)
+        out = F.batch_norm(x, self.running_mean[first], self.running_var[first], w, b, True, self.momentum, self.eps)
+        with torch.no_grad():
+            for d in rest:
+                F.batch_norm(x, self.running_mean[d], self.running_var[d], None, None, True, self.momentum, self.eps)
+        return out
 
     def extra_repr(self) -> str:
         gate = ", gate" if self.gate is not None else ""

@@ -89,13 +89,21 @@ def build_model(
     bn: str = "shared",
     zero_init: bool = False,
     head_norm: bool = False,
+    share_prefix: bool = True,
 ) -> AdaptiveNet:
     """A depth-adaptive net of registered backbone ``name``."""
     backbone, stages = build_backbone(
         name, width=width, in_channels=in_channels, num_classes=num_classes, head_norm=head_norm
     )
     return AdaptiveNet(
-        backbone, stage_names=stages, scaling_factors=scaling_factors, keep=keep, gate=gate, bn=bn, zero_init=zero_init
+        backbone,
+        stage_names=stages,
+        scaling_factors=scaling_factors,
+        keep=keep,
+        gate=gate,
+        bn=bn,
+        zero_init=zero_init,
+        share_prefix=share_prefix,
     )
 
 
@@ -113,4 +121,5 @@ def build_from_config(cfg: ModelConfig, scaling_factors: Sequence[float], *, lea
         bn=cfg.bn,
         zero_init=cfg.zero_init,
         head_norm=cfg.head_norm,
+        share_prefix=cfg.share_prefix,
     )

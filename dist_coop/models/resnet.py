@@ -69,11 +69,17 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def stem(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, widths[0], H, W)
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def head(self, x: Tensor) -> Tensor:  # (B, C_last, H', W') -> (B, num_classes)
+        return self.fc(self.avgpool(x).flatten(1))
+
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.stem(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        return self.fc(self.avgpool(x).flatten(1))
+        return self.head(x)
 
 
 def cifar_resnet(
