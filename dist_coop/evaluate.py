@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dist_coop.coop.task import NetSpec
+from dist_coop.models.adaptive import AdaptiveNet
 
 
 @torch.no_grad()
-def evaluate_sums(engine, batches: Iterable[tuple[Tensor, Tensor]], s: float, autocast=None) -> list[float]:
+def evaluate_sums(
+    net: AdaptiveNet,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    s: float,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
+) -> list[float]:
     """[top-1 hits, top-5 hits, CE loss sum, samples] of depth ``s`` (with depth ``s``'s BN statistics).
 
-    ``engine`` is a net or an engine: callable, with ``module`` (or itself) having ``at_depth``.
+    ``forward``: what computes the logits (an engine, which may cast the inputs); ``net`` by default.
     Sums, not means, so shards of the validation set can be added up across ranks.
     """
-    net = getattr(engine, "module", engine)
+    forward = forward or net
     was_training = net.training
     net.eval()
     c1 = c5 = n = 0
@@ -28,7 +35,7 @@ def evaluate_sums(engine, batches: Iterable[tuple[Tensor, Tensor]], s: float, au
         with net.at_depth(s):
             for x, y in batches:
                 with autocast() if autocast else contextlib.nullcontext():
-                    logits = engine(x)
+                    logits = forward(x)
                 logits = logits.float()
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
                 hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, 5)

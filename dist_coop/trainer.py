@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dist_coop.config import Config
-from dist_coop.coop.task import build_task, net_of
+from dist_coop.coop.task import NetSpec, build_task, net_of
 from dist_coop.data import Data
 from dist_coop.dist.comm import LogitExchange, all_reduce_sum, barrier, build_groups, gather_to_main
 from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine, clip_threshold
@@ -30,6 +30,7 @@ from dist_coop.infer.cost import cost_metrics
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.models.registry import build_from_config
 from dist_coop.preempt import Preempted
+from dist_coop.protocols import Engine
 from dist_coop.run import (
     CONFIG,
     PLOT,
@@ -89,7 +90,7 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.engines = {
+        self.engines: dict[str, Engine] = {
             spec.name: self._engine(i, spec) for i, spec in enumerate(self.task.specs) if spec in self.local_specs
         }
         engine_amp = cfg.dist.engine == "deepspeed"  # DeepSpeed casts the model itself
@@ -106,7 +107,7 @@ class Trainer:
         self.train_seconds, self.train_samples = 0.0, 0  # this process, this launch (throughput)
         self.evaluated_at = -1  # step of the last evaluation of the trained depths (same on every rank)
 
-    def _engine(self, index: int, spec):
+    def _engine(self, index: int, spec: NetSpec) -> Engine:
         torch.manual_seed(self.cfg.train.seed * 1000 + index)  # same init whatever the placement
         net = build_from_config(self.cfg.model, self.cfg.coop.scaling_factors, leader=spec.leader).to(self.device)
         group = self.groups.net.get(spec.name)
@@ -159,7 +160,7 @@ class Trainer:
         for name, engine in self.engines.items():  # is one role clipped and another not?
             out.update({f"train/{key}/{name}": value for key, value in engine.grad_stats().items()})
         out.update(self.guard.metrics())
-        out["train/kd_scale"] = getattr(self.task, "kd_scale", 0.0)
+        out["train/kd_scale"] = self.task.kd_scale
         return out
 
     def _update(self, totals: dict[str, torch.Tensor]) -> None:
@@ -209,7 +210,7 @@ class Trainer:
                 if log_now:
                     logs[f"train/samples_per_s/rank{self.dist.rank}"] = seen / (time.perf_counter() - tick)
                     logs["train/lr"] = next(iter(self.engines.values())).lr()
-                    logs[f"data/corrupt_skipped/rank{self.dist.rank}"] = float(getattr(self.train_data, "skipped", 0))
+                    logs[f"data/corrupt_skipped/rank{self.dist.rank}"] = float(self.train_data.skipped)
                     logs = gather_to_main(self.dist, logs)
                     self.tracker.log_metrics(self.step, logs)
                     if logs:
@@ -249,7 +250,7 @@ class Trainer:
         for spec in self.local_specs:
             engine = self.engines[spec.name]
             for s in selected_depths(spec, which):
-                sums = evaluate_sums(engine, val.epoch(0), s, self.autocast)
+                sums = evaluate_sums(engine.module, val.epoch(0), s, self.autocast, forward=engine)
                 sums = all_reduce_sum(sums, self.groups.net.get(spec.name), self.device)
                 for key, value in sums_to_metrics(sums).items():
                     local[f"val/{key}/{spec.metric(s)}"] = value
@@ -280,6 +281,7 @@ class Trainer:
         """
         for spec in self.local_specs:
             engine = self.engines[spec.name]
+            # the Engine protocol's dtype; the torch engine casts nothing and does not declare it yet
             dtype = getattr(engine, "dtype", torch.float32)
             for s in selected_depths(spec, "untrained" if untrained_only else "all"):
                 recalibrate_bn(engine.module, (x.to(dtype) for x in self.data.calibration(num_samples)), s)

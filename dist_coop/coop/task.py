@@ -176,6 +176,8 @@ class CooperativeTask:
 class IndependentTask:
     """The baseline a user would otherwise run: one separate net per depth, each trained with CE at its depth."""
 
+    kd_scale = 0.0  # nothing is distilled
+
     def __init__(self, coop: CoopConfig, *, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
         self.specs = [

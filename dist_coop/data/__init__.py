@@ -9,13 +9,14 @@ import torch
 
 from dist_coop.config import DataConfig
 from dist_coop.data import fashion_mnist
+from dist_coop.data.batches import Batches
 from dist_coop.data.memory import MemoryBatches, Split
 
 
 @dataclass(frozen=True)
 class Data:
-    train: MemoryBatches  # or ShardBatches: the same interface
-    val: MemoryBatches
+    train: Batches  # MemoryBatches or ShardBatches
+    val: Batches
     in_channels: int
     num_classes: int
     classes: tuple[str, ...]

@@ -1,4 +1,5 @@
-"""What the in-memory and the webdataset batches share: being read as one data shard of several.
+"""What the in-memory and the webdataset batches share: the ``Batches`` interface the trainer reads, and
+being read as one data shard of several.
 
 Both are dataclasses whose constructor checks their settings; ``sharded`` copies one with another
 ``shard`` / ``num_shards`` through that constructor, so every other setting is kept, the check runs
@@ -8,9 +9,33 @@ again (a split too small for that many data shards is refused) and per-stream co
 from __future__ import annotations
 
 import dataclasses
-from typing import TypeVar
+from collections.abc import Iterator
+from typing import Protocol, TypeVar
+
+from torch import Tensor
 
 B = TypeVar("B", bound="Sharded")
+
+
+class Batches(Protocol):
+    """Batches of a split (``MemoryBatches`` in memory, ``ShardBatches`` streamed from shards)."""
+
+    batch_size: int
+    mean: tuple[float, ...]  # the per-channel normalisation applied to every image
+    std: tuple[float, ...]
+    skipped: int  # corrupt samples skipped so far (data.on_corrupt: skip; always 0 in memory)
+
+    def __len__(self) -> int:
+        """Steps per epoch (training: the same on every data shard)."""
+        ...
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``start, start + 1, ...`` of ``epoch``: (x float (B, C, H, W) normalised, y int64 (B,))."""
+        ...
+
+    def sharded(self, shard: int, num_shards: int) -> Batches:
+        """The same batches reading data shard ``shard`` of ``num_shards``."""
+        ...
 
 
 class Sharded:

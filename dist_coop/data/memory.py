@@ -8,7 +8,7 @@ replays the uninterrupted one exactly and the trainer can start mid-epoch from `
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 from torch import Tensor
@@ -53,6 +53,7 @@ class MemoryBatches(Sharded):
     device: torch.device | str = "cpu"
     shard: int = 0
     num_shards: int = 1
+    skipped: int = field(default=0, init=False)  # nothing in memory is corrupt (the Batches interface)
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard < self.num_shards:

@@ -1,0 +1,44 @@
+"""The interfaces the loop relies on, declared once: what a training engine offers.
+
+The trainer, the evaluation and the step guard use an engine only through ``Engine``; the torch engine
+and the DeepSpeed engine (``dist_coop/dist/engine.py``) both provide it. The batch streams' interface,
+``Batches``, lives beside them in ``dist_coop/data/batches.py``; the tracker's in ``dist_coop/track/base.py``.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from dist_coop.models.adaptive import AdaptiveNet
+
+
+class Engine(Protocol):
+    """One net's training on this rank: forward, backward, clipping, the optimizer step, its checkpoint."""
+
+    module: AdaptiveNet  # the net itself (depth scopes, BN statistics, gates)
+    # can the step guard read the gradient norm (clip_grads) between backward and step? (DeepSpeed: no, it
+    # computes the norm inside its step; the guard then checks the loss before backward)
+    norm_before_step: bool
+    dtype: torch.dtype  # what inputs are cast to (DeepSpeed's bf16/fp16 modules); float32 when nothing is cast
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+    def at_depth(self, s: float) -> AbstractContextManager[AdaptiveNet]: ...
+    def stage_gates(self) -> list[list[nn.Parameter]]: ...
+    def backward(self, loss: Tensor) -> None: ...
+    def clip_grads(self) -> Tensor | None:
+        """Only where ``norm_before_step``: the gradient norm before clipping (None: not to be checked)."""
+        ...
+
+    def step(self, skip: bool = False) -> None:
+        """The update (``skip``: dropped); the schedule advances either way."""
+        ...
+
+    def lr(self) -> float: ...
+    def grad_stats(self) -> dict[str, float]: ...
+    def save(self, folder: Path, name: str) -> None: ...
+    def load(self, folder: Path, name: str) -> None: ...
