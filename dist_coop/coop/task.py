@@ -5,6 +5,10 @@ habit): no loss term and no ablation flag lives in the loop. Every term is alrea
 a net's loss is the sum of the terms under its name (``"teammate_a/kd_peer@0.25"``...). Teachers
 are always detached logits of the *same* forward (one forward per net and sub-net per step), so
 each net's loss touches only its own parameters.
+
+What several depths of a net compute alike is computed once (``DepthForward``; ``model.share_prefix``).
+``backward_local`` backpropagates each net's loss part by part as soon as a part is known (a net's
+full-depth terms, each sub-net's terms) instead of returning the terms for one summed backward.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import torch
 from torch import Tensor
 
 from dist_coop.config import CoopConfig
+from dist_coop.coop.forward import DepthForward
 from dist_coop.coop.losses import cross_entropy, gate_penalty, kd_loss, kd_ramp, sfsl_weights
 from dist_coop.models.adaptive import AdaptiveNet
 
 LEADER, TEAMMATE_A, TEAMMATE_B = "leader", "teammate_a", "teammate_b"
 Exchange = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+Backward = Callable[[str, Tensor, bool], None]  # (net name, a part of its loss, last part of the step?)
 
 
 def term_name(net: str, term: str, s: float) -> str:
@@ -70,14 +76,30 @@ class CooperativeTask:
             return None
         return {TEAMMATE_A: TEAMMATE_B, TEAMMATE_B: TEAMMATE_A}.get(name)
 
-    def full_forward(self, net: AdaptiveNet, x: Tensor) -> Tensor:
-        with net.at_depth(1.0):
-            return net(x)
+    def sub_depths(self, name: str) -> tuple[float, ...]:
+        """The sub-net depths (s < 1) with loss terms of net ``name``."""
+        return () if name == LEADER or self._sub_terms_per_depth(name) == 0 else self.sub_factors
+
+    def teachers(self, name: str) -> set[str]:
+        """The nets whose soft targets (detached full logits) net ``name``'s terms read, its own included."""
+        c = self.cfg
+        if name == LEADER:
+            return {s.name for s in self.specs if s.name != LEADER} if c.leader_kd > 0 else set()
+        peer = self.peer(name)
+        guide = {LEADER} if c.leader and c.beta > 0 else set()
+        return {name} | ({peer} if peer is not None and c.alpha > 0 else set()) | guide
 
     def net_terms(
-        self, name: str, net: AdaptiveNet, z: Tensor, x: Tensor, y: Tensor, soft: Mapping[str, Tensor]
+        self,
+        name: str,
+        net: AdaptiveNet,
+        z: Tensor,
+        logits: Callable[[float], Tensor],
+        y: Tensor,
+        soft: Mapping[str, Tensor],
     ) -> dict[str, Tensor]:
-        """Loss terms of net ``name``; ``z`` its full-depth logits, ``soft`` every net's detached full logits.
+        """Loss terms of net ``name``; ``z`` its full-depth logits, ``logits(s)`` its logits at depth s (the only
+        forward of that sub-net this step), ``soft`` every net's detached full logits.
 
         With r the distillation ramp (``kd_ramp``, 1 after ``coop.kd_warmup``) and p that of the
         peer terms (1 after ``coop.peer_warmup``):
@@ -91,6 +113,15 @@ class CooperativeTask:
         weights (1 + r * alpha + r * beta at s = 1; the bracket's weights at s < 1, w(s) kept), so a
         depth's gradient is that of one CE term toward a convex mix of the label and its teachers.
         """
+        terms = self.full_terms(name, net, z, y, soft)
+        for s in self.sub_depths(name):
+            terms.update(self.sub_terms(name, s, logits(s), y, soft))
+        return terms
+
+    def full_terms(
+        self, name: str, net: AdaptiveNet, z: Tensor, y: Tensor, soft: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Net ``name``'s terms at s = 1 (``net_terms``), ``z`` its full-depth logits."""
         c, t, r, p = self.cfg, self.cfg.temperature, self.kd_scale, self.peer_scale
         terms = {term_name(name, "ce", 1.0): cross_entropy(z, y, self.label_smoothing)}
         if c.gate_reg > 0:
@@ -107,21 +138,22 @@ class CooperativeTask:
             terms[term_name(name, "kd_peer", 1.0)] = p * c.alpha * kd_loss(z, soft[peer], t)
         if c.leader and c.beta > 0:
             terms[term_name(name, "kd_leader", 1.0)] = r * c.beta * kd_loss(z, soft[LEADER], t)
-        for s in self.sub_factors:
-            w = self.weights[s]
-            with net.at_depth(s):
-                zs = net(x)  # the only forward of this sub-net this step
-            if c.sub_ce:
-                terms[term_name(name, "ce", s)] = w * cross_entropy(zs, y, self.label_smoothing)
-            if c.self_kd:
-                terms[term_name(name, "kd_self", s)] = w * r * kd_loss(zs, soft[name], t)
-            if peer is not None and c.alpha > 0:
-                terms[term_name(name, "kd_peer", s)] = w * p * c.alpha * kd_loss(zs, soft[peer], t)
-            if c.sub_guided and c.leader and c.beta > 0:
-                terms[term_name(name, "kd_leader", s)] = w * r * c.beta * kd_loss(zs, soft[LEADER], t)
-        if c.kd_norm:
-            terms = self._normalised(name, terms)
-        return terms
+        return self._normalised(name, terms) if c.kd_norm else terms
+
+    def sub_terms(self, name: str, s: float, zs: Tensor, y: Tensor, soft: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Teammate ``name``'s terms at depth s < 1 (``net_terms``), ``zs`` its logits there."""
+        c, t, r, p = self.cfg, self.cfg.temperature, self.kd_scale, self.peer_scale
+        peer, w = self.peer(name), self.weights[s]
+        terms: dict[str, Tensor] = {}
+        if c.sub_ce:
+            terms[term_name(name, "ce", s)] = w * cross_entropy(zs, y, self.label_smoothing)
+        if c.self_kd:
+            terms[term_name(name, "kd_self", s)] = w * r * kd_loss(zs, soft[name], t)
+        if peer is not None and c.alpha > 0:
+            terms[term_name(name, "kd_peer", s)] = w * p * c.alpha * kd_loss(zs, soft[peer], t)
+        if c.sub_guided and c.leader and c.beta > 0:
+            terms[term_name(name, "kd_leader", s)] = w * r * c.beta * kd_loss(zs, soft[LEADER], t)
+        return self._normalised(name, terms) if c.kd_norm else terms
 
     def depth_weight_sum(self, name: str, s: float) -> float:
         """Sum of the current (ramped) weights of net ``name``'s CE and KD terms at depth ``s``, w(s) excluded."""
@@ -150,8 +182,16 @@ class CooperativeTask:
             return 1 + int(c.leader_kd > 0 and c.teammates > 0)
         peer = int(self.peer(name) is not None and c.alpha > 0)
         guided = int(c.leader and c.beta > 0)
-        per_sub = int(c.sub_ce) + int(c.self_kd) + peer + int(c.sub_guided and guided)
-        return 1 + peer + guided + per_sub * len(self.sub_factors)
+        return 1 + peer + guided + self._sub_terms_per_depth(name) * len(self.sub_factors)
+
+    def _sub_terms_per_depth(self, name: str) -> int:
+        c = self.cfg
+        peer = int(self.peer(name) is not None and c.alpha > 0)
+        return int(c.sub_ce) + int(c.self_kd) + peer + int(c.sub_guided and c.leader and c.beta > 0)
+
+    def depths(self, name: str) -> tuple[float, ...]:
+        """The depths net ``name`` runs each step, the full one first."""
+        return (1.0, *self.sub_depths(name))
 
     def local_terms(
         self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange
@@ -161,12 +201,58 @@ class CooperativeTask:
         ``exchange`` maps this rank's detached full-depth logits to every net's (the identity
         when all nets are local; an all-gather in the split placement).
         """
-        full = {name: self.full_forward(net, x) for name, net in nets.items()}
+        forwards = {name: DepthForward(net, x, self.depths(name)) for name, net in nets.items()}
+        full = {name: fw(1.0) for name, fw in forwards.items()}
         soft = exchange({name: z.detach() for name, z in full.items()})
         terms: dict[str, Tensor] = {}
         for name, net in nets.items():
-            terms.update(self.net_terms(name, net, full[name], x, y, soft))
+            terms.update(self.net_terms(name, net, full[name], forwards[name], y, soft))
         return terms
+
+    def backward_local(
+        self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange, backward: Backward
+    ) -> dict[str, Tensor]:
+        """``local_terms``, each net's loss backpropagated part by part as soon as the part is known.
+
+        Teachers are detached, so a net's loss is a sum of independent parts: its full-depth terms and
+        each sub-net's terms. ``backward(name, part, last)`` backpropagates one part into net ``name``'s
+        gradients, which accumulate (``last``: the net's final backward of this step); the gradients
+        equal those of one backward of the summed terms. A net's full-depth part waits until the soft
+        targets it reads are known (on this rank, or from ``exchange``, called once as in
+        ``local_terms``); then every ready net's full-depth part goes first, then each sub-net's forward
+        and part in turn, then the shared part of its depths (``DepthForward.trunk_loss``). So besides
+        the shared parts, only the full-depth graphs waiting for soft targets and one sub-net's graph
+        are alive at a time. Returns every term's detached value.
+        """
+        forwards: dict[str, DepthForward] = {}
+        full: dict[str, Tensor] = {}  # full-depth logits whose part is not backpropagated yet
+        soft: dict[str, Tensor] = {}
+        values: dict[str, Tensor] = {}
+
+        def part(name: str, terms: dict[str, Tensor], last: bool) -> None:
+            values.update({key: value.detach() for key, value in terms.items()})
+            backward(name, forwards[name].scaled(sum(terms.values())), last)
+
+        def finish(ready: list[str]) -> None:
+            for name in ready:  # the full-depth graphs first: the largest
+                last = not (self.sub_depths(name) or forwards[name].detach)
+                part(name, self.full_terms(name, nets[name], full.pop(name), y, soft), last)
+            for name in ready:
+                fw, subs = forwards[name], self.sub_depths(name)
+                for i, s in enumerate(subs):
+                    part(name, self.sub_terms(name, s, fw(s), y, soft), i == len(subs) - 1 and not fw.detach)
+                if fw.detach:
+                    backward(name, fw.trunk_loss(), True)
+
+        for name, net in nets.items():
+            forwards[name] = DepthForward(net, x, self.depths(name), detach=True)
+            full[name] = forwards[name](1.0)
+            soft[name] = full[name].detach()
+            finish([n for n in full if self.teachers(n) <= soft.keys()])
+        for name, z in exchange({name: soft[name] for name in nets}).items():
+            soft.setdefault(name, z)  # this rank's own stay as they are (the exchange returns the same values)
+        finish(list(full))
+        return values
 
     def __call__(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """All nets in this process (the colocated placement)."""
@@ -195,6 +281,17 @@ class IndependentTask:
     ) -> dict[str, Tensor]:
         """Independent nets exchange nothing."""
         return self(nets, x, y)
+
+    def backward_local(
+        self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor, exchange: Exchange, backward: Backward
+    ) -> dict[str, Tensor]:
+        """``CooperativeTask.backward_local``: each net's one term is its one part, backpropagated after its forward."""
+        values = {}
+        for name, net in nets.items():
+            for key, value in self({name: net}, x, y).items():
+                backward(name, value, True)
+                values[key] = value.detach()
+        return values
 
     def __call__(self, nets: Mapping[str, AdaptiveNet], x: Tensor, y: Tensor) -> dict[str, Tensor]:
         terms = {}

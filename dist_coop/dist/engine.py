@@ -1,5 +1,9 @@
 """Training engines: one per net on a rank. The loop calls ``backward``, ``step``, ``save``, ``load``.
 
+``backward`` may run several times before one ``step`` (a net's loss backpropagated part by part,
+``CooperativeTask.backward_local``): gradients accumulate, every call but the last of the step with
+``accumulate=True``; the reduction over the net's group, clipping and the update happen once.
+
 * ``TorchEngine``: plain PyTorch. The net's optimizer and schedule; in a group of D > 1 ranks the
   gradients are averaged over the net's data-parallel group (one flattened all-reduce) before
   clipping and the step: what DDP does, without DDP's one-forward-per-backward restriction
@@ -11,6 +15,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,9 @@ class _NetAccess:
 
     def at_depth(self, s: float) -> AbstractContextManager[AdaptiveNet]:
         return self.module.at_depth(s)
+
+    def branch_starts(self, depths: Sequence[float]) -> dict[float, int]:
+        return self.module.branch_starts(depths)
 
     def stage_gates(self) -> list[list[torch.nn.Parameter]]:
         return self.module.stage_gates()
@@ -59,6 +67,7 @@ def advance_schedule(scheduler: Any) -> None:
 
 class TorchEngine(_NetAccess):
     norm_before_step = True  # the step guard can check the gradient norm before the update
+    dtype = torch.float32  # inputs are not cast (autocast, where on, is the loop's)
 
     def __init__(
         self,
@@ -82,13 +91,16 @@ class TorchEngine(_NetAccess):
         self.group_size = dist.get_world_size(group) if group is not None else 1
         self.group_rank = dist.get_rank(group) if group is not None else 0
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.module(x)
+    def __call__(self, x: Tensor, **kwargs: Any) -> Any:
+        """The net's forward (``AdaptiveNet.forward``'s keywords pass through)."""
+        return self.module(x, **kwargs)
 
     def set_depth(self, s: float) -> None:
         self.module.set_depth(s)
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, *, accumulate: bool = False) -> None:
+        """Add ``loss``'s gradients (loss-scaled under fp16) to ``.grad``; ``accumulate``: more follow before the
+        step (nothing differs here: the group's all-reduce and the unscaling wait for ``clip_grads``)."""
         self.scaler.scale(loss).backward()
 
     def _average_gradients(self) -> None:
@@ -311,21 +323,47 @@ class DeepSpeedEngine(_NetAccess):
             else torch.float32
         )
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.engine(x.to(self.dtype))
+    def __call__(self, x: Tensor, **kwargs: Any) -> Any:
+        """The net's forward through DeepSpeed's (``AdaptiveNet.forward``'s keywords pass through)."""
+        return self.engine(x.to(self.dtype), **kwargs)
 
     def set_depth(self, s: float) -> None:
         self.module.set_depth(s)
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, *, accumulate: bool = False) -> None:
+        """DeepSpeed's backward of ``loss``; ``accumulate``: more backward calls follow before the step.
+
+        With ``gradient_accumulation_steps: 1`` DeepSpeed takes every backward for the boundary of an
+        accumulation window (ZeRO-0 all-reduces there, ZeRO-1/2 move the reduced partition into the
+        optimizer's buffer, dropping what earlier calls accumulated). ``set_gradient_accumulation_boundary``
+        is its documented way to run several backward calls before one step: every call but the last is
+        marked as inside the window, so gradients accumulate (ZeRO-2 still reduces each call's partition)
+        and the last call reduces once. No loss is divided: the accumulation steps stay 1.
+        """
+        self.engine.set_gradient_accumulation_boundary(not accumulate)
         self.engine.backward(loss)
 
     def step(self, skip: bool = False) -> None:
-        """DeepSpeed's step: clipping, optimizer, scheduler, zero_grad. ``skip`` (no backward was run): the schedule only."""
+        """DeepSpeed's step: clipping, optimizer, scheduler, zero_grad. ``skip``: no update, the gradients of
+        any backward run this step are dropped, the schedule advances."""
         if skip:
+            self._drop_gradients()
             advance_schedule(self.engine.lr_scheduler)
             return
         self.engine.step()
+
+    def _drop_gradients(self) -> None:
+        """What DeepSpeed's own step does with gradients it will not apply (an fp16 overflow)."""
+        optimizer = self.engine.optimizer
+        self.engine.zero_grad()
+        optimizer.zero_grad(set_to_none=True)  # ZeRO-3: also restarts its accumulation; bf16: its fp32 copies
+        if hasattr(optimizer, "averaged_gradients"):  # ZeRO-1/2: the reduced partition waiting for the step
+            if getattr(optimizer, "cpu_offload", False):
+                optimizer.reset_cpu_buffers()
+            for key in list(optimizer.averaged_gradients):
+                optimizer.averaged_gradients[key] = None
+                optimizer.all_grad_tensors[key] = None
+            optimizer.micro_step_id = -1  # as its step() leaves it: the next window starts afresh
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
