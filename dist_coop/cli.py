@@ -18,6 +18,7 @@ from dist_coop.evaluate import evaluate_sums, results_table, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
 from dist_coop.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopSignal, interrupted
+from dist_coop.report import finish
 from dist_coop.run import TrainerState, load_run, prepare_run_dir, require_device, resolve_resume
 from dist_coop.track import FAILED, FINISHED, KILLED, Tracker, build_tracker, error_line
 from dist_coop.trainer import Trainer, resolve_amp
@@ -56,7 +57,7 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
                 if resume:
                     trainer.resume(resume)
                 tracker.log_params(cfg.flat())
-                results = trainer.finish(trainer.train())
+                results = finish(trainer, trainer.train())
             except BaseException as e:
                 end_run(tracker, e)
                 raise

@@ -3,18 +3,19 @@
 ``Trainer`` owns the engines of the nets placed on this rank and the position in the data. One
 step: the task returns named loss terms (exchanging soft targets with the other nets of the
 exchange group when they live on other ranks), each engine backpropagates its net's sum and
-steps, and the loop logs. Loss terms and ablations live in the task; placement in ``dist/``.
+steps, and the loop logs. Loss terms and ablations live in the task; placement in ``dist/``; what happens
+after the last step (recalibration, final evaluation, costs, results) in ``report.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from dist_coop.config import Config
@@ -24,27 +25,14 @@ from dist_coop.dist.comm import LogitExchange, all_reduce_sum, barrier, build_gr
 from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine, clip_threshold
 from dist_coop.dist.env import DistInfo
 from dist_coop.dist.placement import check_engine_support, plan_placement
-from dist_coop.evaluate import evaluate_sums, results_table, selected_depths, sums_to_metrics
+from dist_coop.evaluate import evaluate_sums, selected_depths, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
-from dist_coop.infer.cost import cost_metrics
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.models.registry import build_from_config
 from dist_coop.preempt import Preempted
 from dist_coop.protocols import Engine
-from dist_coop.run import (
-    CONFIG,
-    PLOT,
-    Inputs,
-    TrainerState,
-    checkpoint_dir,
-    latest_checkpoint,
-    mark_latest,
-    write_results,
-)
+from dist_coop.run import Inputs, TrainerState, checkpoint_dir, latest_checkpoint, mark_latest
 from dist_coop.track import NullTracker, Tracker
-from dist_coop.track.plots import plot_accuracy_vs_flops
-
-DEFAULT_CALIBRATION_SAMPLES = 2000  # for depths no loss term trains, when train.recalibrate_bn is 0
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -58,6 +46,32 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     return torch.bfloat16
+
+
+class Throughput:
+    """Samples per second: of the training steps alone, over the launch (``rate``: the run's throughput), and
+    of everything since the epoch began (``epoch_rate``: data loading, logging, checkpoints included)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.samples = 0.0, 0
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        self._tick, self._seen = time.perf_counter(), 0
+
+    @contextlib.contextmanager
+    def step(self, num_samples: int) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - start
+        self.samples += num_samples
+        self._seen += num_samples
+
+    def rate(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    def epoch_rate(self) -> float:
+        return self._seen / (time.perf_counter() - self._tick)
 
 
 class Trainer:
@@ -104,7 +118,8 @@ class Trainer:
             stop_requested=stop_requested,
         )
         self.step = 0  # optimizer steps done
-        self.train_seconds, self.train_samples = 0.0, 0  # this process, this launch (throughput)
+        self.meter = Throughput()  # this process, this launch
+        self.bar: tqdm | None = None  # the epoch's progress bar, while training
         self.evaluated_at = -1  # step of the last evaluation of the trained depths (same on every rank)
 
     def _engine(self, index: int, spec: NetSpec) -> Engine:
@@ -183,60 +198,79 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def train(self, stop_at_step: int | None = None) -> dict[str, float]:
-        """Train to ``total_steps`` (or stop early at ``stop_at_step``, as a crash would); returns final metrics.
+    def train(self) -> dict[str, float]:
+        """Train to ``total_steps``; returns the last evaluation (not logged: the report logs the final metrics).
 
-        The last evaluation is returned, not logged: ``finish`` logs the final metrics, once per key.
-
-        When a rank is asked to stop (SIGTERM), every rank finishes the same step, the epoch's
-        evaluation if that step ends an epoch, saves a checkpoint and raises ``Preempted``.
+        When a rank is asked to stop (SIGTERM), every rank finishes the same step, the epoch's evaluation if
+        that step ends an epoch, saves a checkpoint and raises ``Preempted``.
         """
-        cfg = self.cfg.train
         metrics: dict[str, float] = {}
-        while self.step < self.total_steps:
-            epoch, start = divmod(self.step, self.steps_per_epoch)
-            steps_left = min(self.steps_per_epoch - start, self.total_steps - self.step)
-            show = cfg.progress and self.dist.is_main
-            bar = tqdm(total=steps_left, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
-            tick, seen = time.perf_counter(), 0
-            for x, y in self.train_data.epoch(epoch, start):
-                log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
-                t0 = time.perf_counter()
+        for x, y in self.batches():
+            log_now = self.should_log(self.step + 1)
+            with self.meter.step(len(y)):
                 logs = self.train_step(x, y, logs=log_now)
-                self.train_seconds += time.perf_counter() - t0
-                self.train_samples += len(y)
-                seen += len(y)
-                bar.update(1)
-                if log_now:
-                    logs[f"train/samples_per_s/rank{self.dist.rank}"] = seen / (time.perf_counter() - tick)
-                    logs["train/lr"] = next(iter(self.engines.values())).lr()
-                    logs[f"data/corrupt_skipped/rank{self.dist.rank}"] = float(self.train_data.skipped)
-                    logs = gather_to_main(self.dist, logs)
-                    self.tracker.log_metrics(self.step, logs)
-                    if logs:
-                        bar.set_postfix(loss=f"{sum(v for k, v in logs.items() if k.startswith('train/loss/')):.3f}")
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save()
-                if self.step == stop_at_step:
-                    bar.close()
-                    return metrics
-                if self.step >= self.total_steps or self.guard.stop:
-                    break
-            bar.close()
-            epoch_done = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
-            if epoch_done and ((epoch + 1) % cfg.eval_every == 0 or self.step == self.total_steps):
-                metrics = self.evaluate("trained")
-                self.evaluated_at = self.step
-                if self.step < self.total_steps:  # the final metrics are logged once, by finish()
-                    self.tracker.log_metrics(self.step, metrics)
-                self.log(f"epoch {epoch + 1}: " + self.summary(metrics))
-            if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            if log_now:
+                self.log_step(logs)
+            if self.should_eval(self.step):
+                metrics = self.evaluate_epoch()
+            if self.should_save(self.step):
                 self.save()
             if self.guard.stop and self.step < self.total_steps:  # after the last step the run just finishes
                 raise Preempted(
                     f"rank {self.dist.rank}: stopped at step {self.step} of {self.total_steps} on a stop signal; "
-                    f"checkpoint step_{self.step:08d} saved; continue with --train.resume=auto"
+                    f"checkpoint {checkpoint_dir(self.run_dir, self.step).name} saved; continue with --train.resume=auto"
                 )
+        return metrics
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batch of every step from ``self.step`` on (mid-epoch after a resume), epoch after epoch, to
+        ``total_steps``, or to the step after which the step guard says a rank was asked to stop."""
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            self.meter.start_epoch()
+            steps = min(self.steps_per_epoch - start, self.total_steps - self.step)
+            hide = not (self.cfg.train.progress and self.dist.is_main)
+            desc = f"epoch {epoch + 1}/{self.cfg.train.epochs}"
+            with tqdm(total=steps, desc=desc, disable=hide, leave=False) as self.bar:
+                for x, y in self.train_data.epoch(epoch, start):
+                    yield x, y
+                    self.bar.update(1)
+                    if self.step >= self.total_steps or self.guard.stop:
+                        return
+
+    def ends_epoch(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0 or step == self.total_steps
+
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.total_steps
+
+    def should_eval(self, step: int) -> bool:
+        """Every ``train.eval_every`` epochs and after the last step."""
+        epoch = (step - 1) // self.steps_per_epoch
+        return self.ends_epoch(step) and ((epoch + 1) % self.cfg.train.eval_every == 0 or step == self.total_steps)
+
+    def should_save(self, step: int) -> bool:
+        """Every ``train.checkpoint_every`` steps, at each epoch's end, and when a rank was asked to stop."""
+        every = self.cfg.train.checkpoint_every
+        return bool(every and step % every == 0) or self.ends_epoch(step) or self.guard.stop
+
+    def log_step(self, logs: dict[str, float]) -> None:
+        """The step's losses with throughput, learning rate and skipped samples, gathered and logged on rank 0."""
+        logs[f"train/samples_per_s/rank{self.dist.rank}"] = self.meter.epoch_rate()
+        logs["train/lr"] = next(iter(self.engines.values())).lr()
+        logs[f"data/corrupt_skipped/rank{self.dist.rank}"] = float(self.train_data.skipped)
+        logs = gather_to_main(self.dist, logs)
+        self.tracker.log_metrics(self.step, logs)
+        if logs:
+            self.bar.set_postfix(loss=f"{sum(v for k, v in logs.items() if k.startswith('train/loss/')):.3f}")
+
+    def evaluate_epoch(self) -> dict[str, float]:
+        """The trained depths at an epoch's end; logged unless this is the last step (the report logs those)."""
+        metrics = self.evaluate("trained")
+        self.evaluated_at = self.step
+        if self.step < self.total_steps:
+            self.tracker.log_metrics(self.step, metrics)
+        self.log(f"epoch {(self.step - 1) // self.steps_per_epoch + 1}: " + self.summary(metrics))
         return metrics
 
     def evaluate(self, which: str = "all") -> dict[str, float]:
@@ -285,50 +319,6 @@ class Trainer:
             dtype = getattr(engine, "dtype", torch.float32)
             for s in selected_depths(spec, "untrained" if untrained_only else "all"):
                 recalibrate_bn(engine.module, (x.to(dtype) for x in self.data.calibration(num_samples)), s)
-
-    def finish(self, metrics: dict[str, float]) -> dict[str, Any]:
-        """BN for untrained depths, final evaluation, costs, table, plot and artifacts (rank 0)."""
-        samples = self.cfg.train.recalibrate_bn
-        self.recalibrate(samples or DEFAULT_CALIBRATION_SAMPLES, untrained_only=not samples)
-        # decided the same way on every rank (the evaluation is collective; metrics live on rank 0 only)
-        if samples or self.evaluated_at != self.step:  # every depth changed, or this step was not evaluated
-            metrics = self.evaluate()
-        else:  # the last epoch's evaluation holds for the trained depths
-            metrics = {**metrics, **self.evaluate("untrained")}
-        self.save()  # the checkpoint holds the recalibrated statistics too
-        shape = self.data.input_shape
-        local_costs: dict[str, float] = {}
-        for spec in self.local_specs:
-            local_costs.update(cost_metrics(spec.metric, self.engines[spec.name].module, shape))
-        rate = self.train_samples / self.train_seconds if self.train_seconds else 0.0
-        costs = gather_to_main(self.dist, {**local_costs, f"throughput/samples_per_s/rank{self.dist.rank}": rate})
-        results = {
-            "step": self.step,
-            "metrics": metrics,
-            "costs": costs,
-            "placement": self.placement.kind,
-            "train_seconds": self.train_seconds,
-        }
-        if self.dist.is_main:
-            self.log(
-                f"training throughput: {rate:.0f} samples/s on rank 0 ({self.placement.kind}, {self.dist.world_size} process(es))"
-            )
-        if not self.dist.is_main:
-            return results
-        self.tracker.log_metrics(self.step, {**metrics, **costs})
-        table = results_table(self.task.specs, metrics, costs)
-        self.log("\n" + table)
-        results_json, results_txt = write_results(self.run_dir, results, table)
-        curves: dict[str, dict[float, tuple[float, float]]] = {}
-        for spec in self.task.specs:
-            for s in spec.eval_depths:
-                m = spec.metric(s)
-                curves.setdefault(spec.role or spec.name, {})[s] = (costs[f"cost/gflops/{m}"], metrics[f"val/acc1/{m}"])
-        plot = plot_accuracy_vs_flops(curves, self.run_dir / PLOT, self.cfg.train.run_name)
-        for path in (self.run_dir / CONFIG, results_txt, results_json, plot):
-            self.tracker.log_artifact(path)
-        self.tracker.log_artifact(latest_checkpoint(self.run_dir))
-        return results
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -13,6 +13,10 @@ from dist_coop.trainer import Trainer, resolve_amp
 from tests.helpers import RecordingTracker, tiny_config
 
 
+class Crash(Exception):
+    pass
+
+
 def losses(recorder):
     return {
         step: {k: v for k, v in m.items() if k.startswith("train/loss/")}
@@ -32,7 +36,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fmnist_root, recorder):
 
     cfg_b = tiny_config(tmp_path / "b", "--train.checkpoint_every=5")
     crashed = Trainer(cfg_b, data, run_dir=tmp_path / "b", tracker=RecordingTracker())
-    crashed.train(stop_at_step=11)  # checkpoints at 5, 8 (epoch end) and 10
+    step = crashed.train_step
+
+    def crash_after_step_11(x, y, logs=True):
+        if crashed.step == 11:
+            raise Crash("the process dies during step 12")
+        return step(x, y, logs=logs)
+
+    crashed.train_step = crash_after_step_11
+    with pytest.raises(Crash):
+        crashed.train()  # checkpoints at 5, 8 (epoch end) and 10
     latest = latest_checkpoint(tmp_path / "b")
     assert latest.name == "step_00000010" and load_checkpoint(latest / TRAINER_STATE)["step"] == 10
     assert sorted(p.name for p in latest.parent.glob("step_*")) == [

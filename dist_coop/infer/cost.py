@@ -28,7 +28,10 @@ def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def active_params(net: AdaptiveNet, s: float) -> int:
-    """Parameters read by depth ``s``: skipped blocks excluded, private BN counted for one depth."""
+    """Parameters read by depth ``s``: skipped blocks excluded, private BN counted for one depth.
+
+    ``net`` holds its whole parameters (not a ZeRO-3 partition: the trainer measures costs on a plain copy).
+    """
     skipped = set()
     for stage, stage_mask in zip(net.stages, net.masks[s]):
         for keep, block in zip(stage_mask, stage):
@@ -39,9 +42,8 @@ def active_params(net: AdaptiveNet, s: float) -> int:
         for p in module.parameters(recurse=False):
             if id(p) in skipped:
                 continue
-            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions parameters
-            rows = shape[0] if isinstance(module, DepthBatchNorm2d) and len(shape) == 2 else 1
-            total += getattr(p, "ds_numel", p.numel()) // rows  # ZeRO-3 partitions parameters
+            rows = p.shape[0] if isinstance(module, DepthBatchNorm2d) and p.dim() == 2 else 1
+            total += p.numel() // rows
     return total
 
 
