@@ -101,7 +101,11 @@ def test_runner_switches_depth_without_rebuilding():
     params = [id(p) for p in net.parameters()]
     step = runner(torch.randn(1, 1, 28, 28))
     assert step.depth == 0.25 and step.logits.shape == (1, 10) and step.latency_ms > 0
-    assert [id(p) for p in net.parameters()] == params and net.depth == 0.25
+    assert [id(p) for p in net.parameters()] == params
+    assert net.depth == 1.0  # the depth is a scope of the call: the net is left as it was
+    with pytest.raises(RuntimeError):  # a forward that fails (3 channels for a 1-channel net)...
+        runner(torch.randn(1, 3, 28, 28))
+    assert net.depth == 1.0  # ...does not leave the net shallow
     with pytest.raises(ValueError, match="target_ms must be > 0"):
         DepthController({1.0: 1.0}, target_ms=0)
 

@@ -11,8 +11,8 @@ A multiplicative slow-down mispredicts when fixed per-call costs dominate the sh
 (measured here: a paced stream runs the 0.25 sub-net ~1.5x slower than the back-to-back profile,
 the full net less so), which can pin it at a shallow depth. So it also *probes*: after
 ``probe_every`` calls that met the target it tries the next deeper depth once; a probe that
-misses goes back down and doubles the interval (up to 16x). Switching is ``set_depth``: no
-rebuild, no reload.
+misses goes back down and doubles the interval (up to 16x). Switching is a depth scope
+(``with net.at_depth(s)``): no rebuild, no reload, and the net is left at its own depth after each call.
 """
 
 from __future__ import annotations
@@ -99,11 +99,11 @@ class AdaptiveRunner:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Step:
         depth = self.controller.depth
-        self.net.set_depth(depth)
-        t = time.perf_counter()
-        logits = self.net(x)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        ms = (time.perf_counter() - t) * 1e3
+        with self.net.at_depth(depth):  # an error in the forward does not leave the net shallow
+            t = time.perf_counter()
+            logits = self.net(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            ms = (time.perf_counter() - t) * 1e3
         self.controller.update(ms)
         return Step(depth, ms, logits)
