@@ -315,10 +315,8 @@ class Trainer:
         """
         for spec in self.local_specs:
             engine = self.engines[spec.name]
-            # the Engine protocol's dtype; the torch engine casts nothing and does not declare it yet
-            dtype = getattr(engine, "dtype", torch.float32)
             for s in selected_depths(spec, "untrained" if untrained_only else "all"):
-                recalibrate_bn(engine.module, (x.to(dtype) for x in self.data.calibration(num_samples)), s)
+                recalibrate_bn(engine.module, (x.to(engine.dtype) for x in self.data.calibration(num_samples)), s)
 
     # ------------------------------------------------------------------ checkpoints
 

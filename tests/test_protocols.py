@@ -49,8 +49,6 @@ def test_engines_provide_the_engine_protocol(cls):
     assert {"backward", "step", "clip_grads", "save", "load", "at_depth", "__call__"} <= methods
     have = declared(cls)
     missing = (methods | attributes) - have
-    if cls is TorchEngine:  # it casts nothing; declaring dtype = float32 belongs to the dist package's next change
-        missing.discard("dtype")
     if cls is DeepSpeedEngine:  # DeepSpeed clips inside its step (norm_before_step = False): never called
         missing.discard("clip_grads")
     assert not missing, f"{cls.__name__} lacks {sorted(missing)}"
