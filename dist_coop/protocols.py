@@ -7,9 +7,10 @@ and the DeepSpeed engine (``dist_coop/dist/engine.py``) both provide it. The bat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +27,17 @@ class Engine(Protocol):
     norm_before_step: bool
     dtype: torch.dtype  # what inputs are cast to (DeepSpeed's bf16/fp16 modules); float32 when nothing is cast
 
-    def __call__(self, x: Tensor) -> Tensor: ...
+    def __call__(self, x: Tensor, **kwargs: Any) -> Any:
+        """The net's forward (``AdaptiveNet.forward``'s keywords pass through)."""
+        ...
+
     def at_depth(self, s: float) -> AbstractContextManager[AdaptiveNet]: ...
+    def branch_starts(self, depths: Sequence[float]) -> dict[float, int]: ...
     def stage_gates(self) -> list[list[nn.Parameter]]: ...
-    def backward(self, loss: Tensor) -> None: ...
+    def backward(self, loss: Tensor, *, accumulate: bool = False) -> None:
+        """Add ``loss``'s gradients; ``accumulate``: more backward calls follow before the step."""
+        ...
+
     def clip_grads(self) -> Tensor | None:
         """Only where ``norm_before_step``: the gradient norm before clipping (None: not to be checked)."""
         ...

@@ -16,6 +16,8 @@ import torch
 
 from tests.helpers import TINY
 
+pytestmark = pytest.mark.slow  # every case launches the command in a process of its own
+
 ROOT = Path(__file__).resolve().parents[1]
 DIST_COOP = Path(sys.executable).parent / "dist-coop"
 

@@ -110,6 +110,7 @@ def test_runner_switches_depth_without_rebuilding():
         DepthController({1.0: 1.0}, target_ms=0)
 
 
+@pytest.mark.slow  # the export checks launch the command in fresh interpreters
 def test_profile_export_stream_commands_on_a_trained_run(tmp_path, fmnist_root, capsys):
     """The CLI on a real (tiny) trained run: profile + budget, export, and stream a clip made with ffmpeg."""
     from dist_coop.cli import main, run_training
