@@ -26,7 +26,7 @@ class DepthForward:
         plan = getattr(net, "branch_starts", None)
         self.starts = plan(depths) if plan is not None else dict.fromkeys(depths, -1)
         self.shared = any(p >= 0 for p in self.starts.values())
-        self.inputs: dict[float, Tensor] = net(x, depths=tuple(depths)) if self.shared else {}
+        self.inputs: dict[float, Tensor] = dict(zip(depths, net(x, depths=tuple(depths)))) if self.shared else {}
         self.detach = detach and self.shared
         self._leaves: dict[float, Tensor] = {}
         # the backward's loss scale, read as the gradient of a zero-valued probe term (see scaled())

@@ -339,7 +339,16 @@ class DeepSpeedEngine(_NetAccess):
         is its documented way to run several backward calls before one step: every call but the last is
         marked as inside the window, so gradients accumulate (ZeRO-2 still reduces each call's partition)
         and the last call reduces once. No loss is divided: the accumulation steps stay 1.
+
+        ZeRO-3 is refused: it adds a window's later backward calls to gradient partitions that only its
+        first call overwrites, so a parameter first reached by a later call (the shared part of a net's
+        depths) would get the previous step's gradient too.
         """
+        if accumulate and self.engine.zero_optimization_stage() == 3:
+            raise ValueError(
+                "a backward in parts (several backward calls before one step) needs DeepSpeed ZeRO stage 0-2; "
+                "ZeRO-3 would add the previous step's gradient to parameters the first call does not reach"
+            )
         self.engine.set_gradient_accumulation_boundary(not accumulate)
         self.engine.backward(loss)
 
@@ -353,17 +362,23 @@ class DeepSpeedEngine(_NetAccess):
         self.engine.step()
 
     def _drop_gradients(self) -> None:
-        """What DeepSpeed's own step does with gradients it will not apply (an fp16 overflow)."""
-        optimizer = self.engine.optimizer
+        """What DeepSpeed's own step does with gradients it will not apply (its fp16 overflow path)."""
+        optimizer, stage = self.engine.optimizer, self.engine.zero_optimization_stage()
         self.engine.zero_grad()
-        optimizer.zero_grad(set_to_none=True)  # ZeRO-3: also restarts its accumulation; bf16: its fp32 copies
-        if hasattr(optimizer, "averaged_gradients"):  # ZeRO-1/2: the reduced partition waiting for the step
-            if getattr(optimizer, "cpu_offload", False):
+        optimizer.zero_grad(set_to_none=True)  # ZeRO-3: also restarts its accumulation; bf16: its fp32 copies too
+        if stage in (1, 2):  # the reduced partition waiting for the step
+            if optimizer.cpu_offload:
                 optimizer.reset_cpu_buffers()
-            for key in list(optimizer.averaged_gradients):
-                optimizer.averaged_gradients[key] = None
-                optimizer.all_grad_tensors[key] = None
+            else:
+                for key in list(optimizer.averaged_gradients):
+                    optimizer.averaged_gradients[key] = None
+                    optimizer.all_grad_tensors[key] = None
             optimizer.micro_step_id = -1  # as its step() leaves it: the next window starts afresh
+        elif stage == 3:
+            if optimizer.offload_optimizer:
+                optimizer.reset_cpu_buffers()
+            else:
+                optimizer.averaged_gradients = {}
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]

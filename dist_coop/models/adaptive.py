@@ -177,16 +177,17 @@ class AdaptiveNet(nn.Module):
 
     def forward(
         self, x: Tensor, *, depths: Sequence[float] | None = None, depth: float | None = None, start: int = -1
-    ) -> Tensor | dict[float, Tensor]:
+    ) -> Tensor | tuple[Tensor, ...]:
         """``net(x)``: (B, num_classes) logits at the current depth.
 
-        ``net(x, depths=D)``: what the depths of D compute alike, computed once; returns ``{s: h_s}``, the
-        input of depth s's own computation (``x`` itself where ``branch_starts`` says -1).
+        ``net(x, depths=D)``: what the depths of D compute alike, computed once; returns h_s for each s of D
+        (a tuple in D's order), the input of depth s's own computation (``x`` where ``branch_starts`` says -1).
         ``net(h_s, depth=s, start=p)``: depth s's logits from there on, p = ``branch_starts(D)[s]``.
         (One ``forward`` with keywords, not three methods: engines such as DeepSpeed's wrap ``forward``.)
         """
         if depths is not None:
-            return self._trunk(x, depths)
+            inputs = self._trunk(x, depths)
+            return tuple(inputs[s] for s in depths)  # a tuple: what engines' output hooks walk (ZeRO-3's)
         if depth is not None:
             return self._branch(x, depth, start)
         return self.backbone(x)
@@ -194,7 +195,7 @@ class AdaptiveNet(nn.Module):
     def forward_depths(self, x: Tensor, depths: Sequence[float]) -> dict[float, Tensor]:
         """Logits of every depth of ``depths`` on ``x``, shared work done once: ``{s: (B, num_classes)}``."""
         inputs, starts = self(x, depths=depths), self.branch_starts(depths)
-        return {s: self(inputs[s], depth=s, start=starts[s]) for s in depths}
+        return {s: self(h, depth=s, start=starts[s]) for s, h in zip(depths, inputs)}
 
     def _trunk(self, x: Tensor, depths: Sequence[float]) -> dict[float, Tensor]:
         starts = self.branch_starts(depths)
