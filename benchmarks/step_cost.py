@@ -1,28 +1,61 @@
-"""Cost of one cooperative training step next to a plain single-net step on the same batch.
+"""Cost of one cooperative training step next to a plain single-net step: time, FLOPs, activation memory.
 
-Reports wall time (median of repeated steps after warm-up) and FLOPs (forward + backward,
-counted by torch.utils.flop_counter) of both, and their ratios: time ratio / FLOPs ratio > 1
-is overhead beyond FLOPs (more, smaller kernels; Python; optimizer steps of three nets).
+For each net (the quick-start config's, and ``resnet18_64`` at 64x64 on synthetic data) it measures
+a plain step (one net at full depth, CE) and the colocated cooperative step (Leader + Teammates
+with their sub-nets, the task and torch engines driven directly) in four variants: shared work
+computed once (``model.share_prefix``) off/on, times each net's loss backpropagated part by part
+(``CooperativeTask.backward_local``) off/on.
 
-    python benchmarks/step_cost.py --config configs/quickstart.yaml [--steps 20] [--device cpu]
+* Time: median of ``--steps`` steps after ``--warmup``, at the larger batch size.
+* FLOPs: forward + backward, counted by ``torch.utils.flop_counter``. Time ratio / FLOPs ratio > 1
+  is overhead beyond FLOPs (more, smaller kernels; Python; optimizer steps of three nets).
+* Activation memory: every variant and batch size runs in a fresh process. On CPU the resident-set
+  high-water mark (VmHWM) is read before and after the process's first step, with glibc's mmap
+  threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that a freed activation goes back to the
+  system and the high-water mark follows live memory rather than the allocator's retention (timing
+  runs in yet another process, with the default allocator); on CUDA ``max_memory_allocated`` over a
+  step after one warm-up step. The growth is measured at two batch sizes: its slope (MiB per 100
+  samples) is activation memory; parameters, gradients and optimizer state do not depend on the
+  batch and drop out.
+
+The last two lines compare the quick-start net's cooperative step with both optimisations on
+against the plain step:
+
+    python benchmarks/step_cost.py [--config configs/quickstart.yaml] [--steps 20] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_coop.config import load_config
 from dist_coop.coop.losses import cross_entropy
-from dist_coop.data import build_data
-from dist_coop.dist.env import single_process
+from dist_coop.coop.task import CooperativeTask, net_of
+from dist_coop.dist.engine import TorchEngine
+from dist_coop.dist.env import resolve_device
 from dist_coop.models.registry import build_from_config
-from dist_coop.optim import build_optimizer
-from dist_coop.trainer import Trainer
+
+# variant -> (model.share_prefix, backward part by part); None: the plain step
+VARIANTS = {
+    "plain (1 net, s=1)": None,
+    "coop naive": (False, False),
+    "coop shared prefix": (True, False),
+    "coop part backward": (False, True),
+    "coop both": (True, True),
+}
+OPTIMISED = "coop both"
+MiB = 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -49,6 +82,147 @@ def flops_of(step) -> int:
     return counter.get_total_flops()
 
 
+def rss_high_water() -> int:
+    """Bytes: this process's resident-set high-water mark (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def build_step(cfg, variant, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """One training step of ``variant`` (engines, optimizer steps included) as a function of nothing."""
+    amp = cfg.optim.amp == "bf16" or (cfg.optim.amp == "auto" and device.type == "cuda")
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+    if variant is None:
+        torch.manual_seed(0)
+        engine = TorchEngine(build_from_config(cfg.model, cfg.coop.scaling_factors).to(device), cfg.optim, 10**6)
+        engine.module.train()
+
+        def plain_step() -> None:
+            with autocast():
+                loss = cross_entropy(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+
+        return plain_step
+    task = CooperativeTask(cfg.coop)
+    engines = {}
+    for i, spec in enumerate(task.specs):
+        torch.manual_seed(i)
+        net = build_from_config(cfg.model, cfg.coop.scaling_factors, leader=spec.leader).to(device).train()
+        engines[spec.name] = TorchEngine(net, cfg.optim, 10**6)
+    _, parts = variant
+
+    def summed_step() -> None:
+        with autocast():
+            terms = task.local_terms(engines, x, y, dict)
+        totals: dict[str, torch.Tensor] = {}
+        for key, value in terms.items():
+            totals[net_of(key)] = totals.get(net_of(key), 0.0) + value
+        for name, engine in engines.items():
+            engine.backward(totals[name])
+            engine.step()
+
+    def part_step() -> None:
+        def backward(name: str, loss: torch.Tensor, last: bool) -> None:
+            with torch.autocast(device.type, enabled=False):
+                engines[name].backward(loss, accumulate=not last)
+
+        with autocast():
+            task.backward_local(engines, x, y, dict, backward)
+        for engine in engines.values():
+            engine.step()
+
+    return part_step if parts else summed_step
+
+
+def worker(job: dict) -> dict:
+    """One variant at one batch size, in a fresh process: activation growth of a step; time and FLOPs if asked."""
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    variant = VARIANTS[job["variant"]]
+    overrides = list(job["overrides"])
+    if variant is not None:
+        overrides.append(f"--model.share_prefix={str(variant[0]).lower()}")
+    cfg = load_config(job["config"], overrides)
+    device = resolve_device(job["device"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(job["batch"], *job["shape"], generator=g).to(device)
+    y = torch.randint(0, cfg.model.num_classes, (job["batch"],), generator=g).to(device)
+    step = build_step(cfg, variant, x, y, device)
+    if device.type == "cuda":
+        step()  # warm-up: the caching allocator's peak is exact once the one-off allocations are done
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        grown = torch.cuda.max_memory_allocated(device) - base
+    else:
+        base = rss_high_water()
+        step()
+        grown = rss_high_water() - base
+    out = {"grown": grown}  # bytes
+    if job["time"]:
+        out["seconds"] = time_steps(step, job["steps"], job["warmup"], device)
+        out["flops"] = flops_of(step)
+    return out
+
+
+def run_job(job: dict) -> dict:
+    env = dict(os.environ)
+    if not job["time"]:  # memory: every freed block of 64 KiB or more is unmapped (see the module docstring)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, check=False, env=env
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{job['variant']} at batch {job['batch']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, overrides: list[str], shape: tuple[int, ...], args) -> dict[str, dict]:
+    """Every variant of one net: time and FLOPs at the larger batch, activation MiB per 100 samples (slope)."""
+    small, large = sorted(args.batches)
+    results = {}
+    for variant in VARIANTS:
+        base = dict(variant=variant, config=args.config, overrides=overrides, shape=list(shape), device=args.device)
+        base.update(threads=args.threads, steps=args.steps, warmup=args.warmup)
+        lo, hi = (run_job({**base, "batch": b, "time": False}) for b in (small, large))
+        timed = run_job({**base, "batch": large, "time": True})
+        slope = (hi["grown"] - lo["grown"]) / (large - small) * 100 / MiB
+        results[variant] = {**timed, "act": slope, "batch": large}
+    return results
+
+
+def report(title: str, results: dict[str, dict], coop) -> tuple[float, float]:
+    """Print one net's table; returns (memory ratio, time beyond FLOPs) of the optimised variant."""
+    plain = results["plain (1 net, s=1)"]
+    print(title)
+    print(
+        f"{'':<20}{'ms/step':>9}{'GFLOP/step':>12}{'samples/s':>11}{'act MiB/100':>13}{'mem x':>7}{'beyond FLOPs':>14}"
+    )
+    for variant, r in results.items():
+        beyond = (r["seconds"] / plain["seconds"]) / (r["flops"] / plain["flops"])
+        print(
+            f"{variant:<20}{r['seconds'] * 1e3:>9.1f}{r['flops'] / 1e9:>12.2f}{r['batch'] / r['seconds']:>11.0f}"
+            f"{r['act']:>13.1f}{r['act'] / plain['act']:>6.2f}x{beyond:>13.2f}x"
+        )
+    # the Leader's step is the plain step's (same net, CE at full depth): the rest is the Teammates'
+    leader = plain["flops"] if coop.leader else 0
+    naive, shared = (results[v]["flops"] - leader for v in ("coop naive", "coop shared prefix"))
+    print(
+        f"Teammate forward + backward: {naive / coop.teammates / 1e9:.3f} GFLOP naive, "
+        f"{shared / coop.teammates / 1e9:.3f} with the shared prefix ({100 * (1 - shared / naive):.1f} % less)"
+    )
+    best = results[OPTIMISED]
+    return best["act"] / plain["act"], (best["seconds"] / plain["seconds"]) / (best["flops"] / plain["flops"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
@@ -56,44 +230,43 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
-    args, overrides = parser.parse_known_args()
-    cfg = load_config(args.config, [f"--train.device={args.device}", "--tracking.backend=none", *overrides])
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = single_process(cfg.train.device)
-    device = dist.device
-    data = build_data(cfg.data, seed=0, device=device)
-    trainer = Trainer(cfg, data, run_dir="/tmp/dist_coop_bench", dist=dist)
-    x, y = next(data.train.epoch(0))
-    x, y = x.to(device), y.to(device)
+    parser.add_argument("--batches", type=int, nargs=2, default=[64, 128], help="two batch sizes (memory slope)")
+    parser.add_argument("--r18-width", type=int, default=0, help="resnet18_64 width (0: 64 on CUDA, 8 on CPU)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    cfg = load_config(args.config, [f"--train.device={args.device}"])
+    device = resolve_device(args.device)
+    from dist_coop.data import build_data
 
-    plain = build_from_config(cfg.model, cfg.coop.scaling_factors).to(device)
-    opt = build_optimizer(plain, cfg.optim)
-
-    def plain_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with trainer.autocast():
-            loss = cross_entropy(plain(x), y)
-        loss.backward()
-        opt.step()
-
-    def coop_step() -> None:
-        trainer.train_step(x, y)
-
-    t_plain = time_steps(plain_step, args.steps, args.warmup, device)
-    t_coop = time_steps(coop_step, args.steps, args.warmup, device)
-    f_plain, f_coop = flops_of(plain_step), flops_of(coop_step)
-    nets = ", ".join(s.name for s in trainer.task.specs)
+    shape = build_data(cfg.data, seed=0).input_shape
+    width = args.r18_width or (64 if device.type == "cuda" else 8)
+    r18 = [
+        "--model.name=resnet18_64",
+        f"--model.width={width}",
+        "--model.in_channels=3",
+        "--model.num_classes=200",
+        "--coop.scaling_factors=[0.5, 1.0]",  # 2 blocks per stage: two distinct depths
+    ]
     print(
-        f"device {device}, threads {torch.get_num_threads()}, batch {len(y)}, model {cfg.model.name} width {cfg.model.width or 'default'}, amp {cfg.optim.amp}"
+        f"device {device}, threads {args.threads or torch.get_num_threads()}, batches {sorted(args.batches)} "
+        f"(time at the larger), amp {cfg.optim.amp}; colocated cooperative step: "
+        f"{'Leader + ' if cfg.coop.leader else ''}{cfg.coop.teammates} Teammate(s), torch engines"
     )
-    print(f"cooperative step: nets [{nets}], depths {list(cfg.coop.scaling_factors)}")
-    print(f"{'':<18}{'ms/step':>10}{'GFLOP/step':>12}{'samples/s':>11}")
-    print(f"{'plain (1 net, s=1)':<18}{t_plain * 1e3:>10.1f}{f_plain / 1e9:>12.2f}{len(y) / t_plain:>11.0f}")
-    print(f"{'cooperative':<18}{t_coop * 1e3:>10.1f}{f_coop / 1e9:>12.2f}{len(y) / t_coop:>11.0f}")
-    print(
-        f"time ratio {t_coop / t_plain:.2f}x, FLOPs ratio {f_coop / f_plain:.2f}x, overhead beyond FLOPs {(t_coop / t_plain) / (f_coop / f_plain):.2f}x"
+    quick = measure("quickstart", [], shape, args)
+    r18_results = measure("resnet18_64", r18, (3, 64, 64), args)
+    m = cfg.model
+    report(f"resnet18_64 width {width}, 3x64x64, depths [0.5, 1.0]", r18_results, cfg.coop)
+    ratio, beyond = report(
+        f"quick-start net: {m.name} width {m.width or 'default'}, {'x'.join(map(str, shape))}, "
+        f"depths {list(cfg.coop.scaling_factors)}",
+        quick,
+        cfg.coop,
     )
+    print(f"peak memory ratio (cooperative / plain): {ratio:.2f}x")
+    print(f"time beyond FLOPs: {beyond:.2f}x")
 
 
 if __name__ == "__main__":
