@@ -74,6 +74,17 @@ class Throughput:
         return self._seen / (time.perf_counter() - self._tick)
 
 
+def _whole(params) -> contextlib.AbstractContextManager:
+    """Parameters readable whole: ZeRO-3 keeps one partition per rank (a gather over the net's group, which
+    every rank of it calls at the same point); a no-op for parameters that are not partitioned."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
 class Trainer:
     def __init__(
         self,
@@ -289,7 +300,8 @@ class Trainer:
                 for key, value in sums_to_metrics(sums).items():
                     local[f"val/{key}/{spec.metric(s)}"] = value
             # do the gates of blocks only deep sub-nets run collapse toward 0?
-            local.update({f"val/gate/{spec.name}/{k}": v for k, v in gate_stats(engine.module).items()})
+            with _whole(gate for stage in engine.module.stage_gates() for gate in stage):
+                local.update({f"val/gate/{spec.name}/{k}": v for k, v in gate_stats(engine.module).items()})
         return gather_to_main(self.dist, local)
 
     def summary(self, metrics: dict[str, float]) -> str:

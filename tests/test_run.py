@@ -148,3 +148,30 @@ def test_load_run_reads_deepspeed_checkpoints(tmp_path, fmnist_root, zero):
     assert (run.checkpoint / "leader" / run.checkpoint.name).is_dir()  # DeepSpeed's own files were read
     expected = torch.load(tmp_path / "outputs.pt")
     torch.testing.assert_close(_outputs(run.nets.get, NETS), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_one_process_run_ends_with_the_gates_read_whole(tmp_path, fmnist_root):
+    """ZeRO-3 leaves each rank a partition of every parameter (0 elements of a scalar gate on most ranks,
+    and outside a forward even on a world of one): the gate metrics gather them instead of crashing."""
+    import subprocess
+    import sys
+
+    from tests.helpers import TINY
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0"}
+    env.update({"WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    argv = [*TINY, "--train.epochs=1", "--dist.engine=deepspeed", "--dist.zero_stage=3", "--train.device=cpu"]
+    argv += [f"--train.out_dir={tmp_path}", "--train.run_name=z3", "--train.threads=1", f"--data.root={fmnist_root}"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "launch" / "train.py"), *argv],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    metrics = json.loads((tmp_path / "z3" / "results.json").read_text())["metrics"]
+    gates = {k: v for k, v in metrics.items() if k.startswith("val/gate/")}
+    assert {k.split("/")[2] for k in gates} == {"leader", "teammate_a", "teammate_b"}, sorted(metrics)[:20]
+    assert all(0.5 < v < 1.5 for v in gates.values()), gates
