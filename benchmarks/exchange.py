@@ -16,7 +16,7 @@ import torch
 
 from dist_coop.config import load_config
 from dist_coop.data import build_data
-from dist_coop.dist.env import close_distributed, init_distributed
+from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
 from dist_coop.trainer import Trainer
 

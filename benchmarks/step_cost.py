@@ -42,8 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dist_coop.config import load_config
 from dist_coop.coop.losses import cross_entropy
 from dist_coop.coop.task import CooperativeTask, net_of
-from dist_coop.dist.engine import TorchEngine
-from dist_coop.dist.env import resolve_device
+from dist_coop.distributed.engine import TorchEngine
+from dist_coop.distributed.env import resolve_device
 from dist_coop.models.registry import build_from_config
 
 # variant -> (model.share_prefix, backward part by part); None: the plain step

@@ -13,7 +13,7 @@ import torch
 
 from dist_coop.config import Config, load_config
 from dist_coop.data import Data, build_data
-from dist_coop.dist.env import DistInfo, close_distributed, init_distributed
+from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed
 from dist_coop.evaluate import evaluate_sums, results_table, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics

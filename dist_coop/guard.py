@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from dist_coop.dist.comm import all_reduce_world
-from dist_coop.dist.env import DistInfo
+from dist_coop.distributed.comm import all_reduce_world
+from dist_coop.distributed.env import DistInfo
 
 ON_NONFINITE = ("error", "skip")
 

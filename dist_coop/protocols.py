@@ -1,7 +1,7 @@
 """The interfaces the loop relies on, declared once: what a training engine offers.
 
 The trainer, the evaluation and the step guard use an engine only through ``Engine``; the torch engine
-and the DeepSpeed engine (``dist_coop/dist/engine.py``) both provide it. The batch streams' interface,
+and the DeepSpeed engine (``dist_coop/distributed/engine.py``) both provide it. The batch streams' interface,
 ``Batches``, lives beside them in ``dist_coop/data/batches.py``; the tracker's in ``dist_coop/track/base.py``.
 """
 

@@ -12,7 +12,7 @@ import torch
 
 from dist_coop.config import ModelConfig
 from dist_coop.coop.task import NetSpec
-from dist_coop.dist.comm import gather_to_main
+from dist_coop.distributed.comm import gather_to_main
 from dist_coop.evaluate import results_table
 from dist_coop.infer.cost import cost_metrics
 from dist_coop.models.registry import build_from_config

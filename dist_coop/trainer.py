@@ -21,10 +21,10 @@ from tqdm import tqdm
 from dist_coop.config import Config
 from dist_coop.coop.task import NetSpec, build_task, net_of
 from dist_coop.data import Data
-from dist_coop.dist.comm import LogitExchange, all_reduce_sum, barrier, build_groups, gather_to_main
-from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine, clip_threshold
-from dist_coop.dist.env import DistInfo
-from dist_coop.dist.placement import check_engine_support, plan_placement
+from dist_coop.distributed.comm import LogitExchange, all_reduce_sum, barrier, build_groups, gather_to_main
+from dist_coop.distributed.engine import DeepSpeedEngine, TorchEngine, clip_threshold
+from dist_coop.distributed.env import DistInfo
+from dist_coop.distributed.placement import check_engine_support, plan_placement
 from dist_coop.evaluate import evaluate_sums, selected_depths, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn

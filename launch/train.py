@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dist_coop.cli import main  # noqa: E402
-from dist_coop.dist.env import peer_failure  # noqa: E402
+from dist_coop.distributed.env import peer_failure  # noqa: E402
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:

@@ -7,7 +7,7 @@ import os
 import torch
 
 from dist_coop.data import build_data
-from dist_coop.dist.env import close_distributed, init_distributed
+from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port  # noqa: F401  (imported from here by the launcher tests)
 from dist_coop.trainer import Trainer
 from tests.helpers import RANKS, tiny_config

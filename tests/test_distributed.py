@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dist_coop.dist.env import DistInfo
-from dist_coop.dist.placement import check_engine_support, plan_placement
+from dist_coop.distributed.env import DistInfo
+from dist_coop.distributed.placement import check_engine_support, plan_placement
 from tests.dist_helpers import run_steps, spawn
 from tests.helpers import RANKS, tiny_config
 

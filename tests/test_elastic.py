@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_coop.dist.env import close_distributed, init_distributed
+from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
 from tests.dist_helpers import TINY
 

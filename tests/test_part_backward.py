@@ -8,7 +8,7 @@ import torch
 from dist_coop.config import CoopConfig, load_config
 from dist_coop.coop import CooperativeTask
 from dist_coop.coop.forward import DepthForward
-from dist_coop.dist.engine import TorchEngine
+from dist_coop.distributed.engine import TorchEngine
 from dist_coop.models import build_model
 from dist_coop.ports import free_port
 
@@ -149,8 +149,8 @@ def _deepspeed_worker(rank: int, world_size: int, port: int, zero: int, out_dir:
     import deepspeed
     import torch.distributed as dist
 
-    from dist_coop.dist.engine import DeepSpeedEngine
-    from dist_coop.dist.env import close_distributed, init_distributed
+    from dist_coop.distributed.engine import DeepSpeedEngine
+    from dist_coop.distributed.env import close_distributed, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed("cpu", backend="gloo", need_group=True)

@@ -12,7 +12,7 @@ import torch
 from dist_coop.data.batches import Batches
 from dist_coop.data.memory import MemoryBatches, Split
 from dist_coop.data.stream import ShardBatches
-from dist_coop.dist.engine import DeepSpeedEngine, TorchEngine
+from dist_coop.distributed.engine import DeepSpeedEngine, TorchEngine
 from dist_coop.protocols import Engine
 from dist_coop.track.base import NullTracker, Tracker
 from dist_coop.track.mlflow_tracker import MlflowTracker

@@ -9,7 +9,7 @@ from dist_coop.config import CoopConfig, load_config
 from dist_coop.coop import CooperativeTask
 from dist_coop.coop.losses import gate_penalty, kd_ramp
 from dist_coop.data import build_data
-from dist_coop.dist.engine import clip_threshold, grad_stats
+from dist_coop.distributed.engine import clip_threshold, grad_stats
 from dist_coop.models import build_model
 from dist_coop.models.adaptive import gate_stats
 from dist_coop.trainer import Trainer

@@ -16,7 +16,7 @@ import torch
 
 from dist_coop.cli import main, run_training
 from dist_coop.data import build_data
-from dist_coop.dist.env import DistInfo
+from dist_coop.distributed.env import DistInfo
 from dist_coop.guard import NonFiniteError
 from dist_coop.preempt import EXIT_PREEMPTED
 from dist_coop.run import latest_checkpoint

@@ -12,7 +12,7 @@ import torch
 
 from dist_coop.cli import run_training
 from dist_coop.data import build_data
-from dist_coop.dist.env import close_distributed, init_distributed
+from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
 from dist_coop.run import TRAINER_STATE, latest_checkpoint
 from dist_coop.track.mlflow_tracker import is_database_uri, mlflow_key, resume_changes, settings_before_resume

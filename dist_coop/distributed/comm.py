@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dist_coop.dist.env import DistInfo
-from dist_coop.dist.placement import Placement
+from dist_coop.distributed.env import DistInfo
+from dist_coop.distributed.placement import Placement
 
 
 @dataclass
