@@ -243,6 +243,7 @@ class CooperativeTask:
                     part(name, self.sub_terms(name, s, fw(s), y, soft), i == len(subs) - 1 and not fw.detach)
                 if fw.detach:
                     backward(name, fw.trunk_loss(), True)
+                del forwards[name]  # the net is done: its shared activations and their gradients go
 
         for name, net in nets.items():
             forwards[name] = DepthForward(net, x, self.depths(name), detach=True)
