@@ -181,7 +181,11 @@ def run_job(job: dict) -> dict:
         [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, check=False, env=env
     )
     if proc.returncode != 0:
-        raise SystemExit(f"{job['variant']} at batch {job['batch']} failed:\n{proc.stderr[-3000:]}")
+        what = "timing" if job["time"] else "memory"
+        raise SystemExit(
+            f"{job['variant']} at batch {job['batch']} ({what}) failed with exit code {proc.returncode}:\n"
+            f"{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
