@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ import torch
 
 from dist_coop.config import Config, load_config
 from dist_coop.data import Data, build_data
-from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed
+from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed, peer_failure
 from dist_coop.evaluate import evaluate_sums, results_table, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
@@ -233,6 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dist-coop: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # a peer gone or stalled past dist.timeout_s: one line too, also for `dist-coop train`
+        line = peer_failure(e, int(os.environ.get("RANK", "0")))
+        if line is None or args.debug:
+            raise
+        print(f"dist-coop: error: {line}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,14 +12,12 @@ MASTER_ADDR, MASTER_PORT) are read once by ``init_distributed``. A rank whose pe
 stalled stops after ``dist.timeout_s`` with one line naming it (exit code 1; ``--debug``: the traceback).
 """
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dist_coop.cli import main  # noqa: E402
-from dist_coop.distributed.env import peer_failure  # noqa: E402
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -36,14 +34,8 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 
 
 def run(argv: list[str]) -> int:
-    try:
-        return main(["train", *argv])
-    except Exception as e:
-        line = peer_failure(e, int(os.environ.get("RANK", "0")))
-        if line is None or "--debug" in argv:
-            raise
-        print(f"dist-coop: error: {line}", file=sys.stderr)
-        return 1
+    """``dist-coop train`` with these arguments (errors, a lost peer included, are one line there)."""
+    return main(["train", *argv])
 
 
 if __name__ == "__main__":
