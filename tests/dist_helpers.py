@@ -45,18 +45,16 @@ def run_steps(cfg, info, num_steps: int, nan_steps: tuple[int, ...] = ()) -> dic
     return record
 
 
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives rank ``rank`` of ``world_size`` meeting on 127.0.0.1:``port``."""
+    env = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    return {k: str(v) for k, v in env.items()}
+
+
 def worker(
     rank: int, world_size: int, port: int, out_dir: str, overrides: list[str], num_steps: int, nan_steps: tuple = ()
 ) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+    os.environ.update(rank_env(rank, world_size, port))
     cfg = tiny_config(out_dir, *RANKS, "--train.device=cpu", *overrides)
     info = init_distributed("cpu", backend="gloo", need_group=True)
     try:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
-from tests.dist_helpers import TINY
+from tests.dist_helpers import TINY, rank_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -56,17 +56,8 @@ def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float) -> None
 
 
 def _generation_worker(rank: int, world_size: int, port: int, restart_counts: list[int], out_dir: str) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "TORCHELASTIC_USE_AGENT_STORE": "True",
-            "TORCHELASTIC_RESTART_COUNT": str(restart_counts[rank]),
-        }
-    )
+    os.environ.update(rank_env(rank, world_size, port))
+    os.environ.update({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": str(restart_counts[rank])})
     info = init_distributed("cpu", backend="gloo", need_group=True, timeout_s=30)
     t = torch.tensor([rank + 1.0])
     dist.all_reduce(t)

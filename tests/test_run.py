@@ -15,6 +15,7 @@ from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
 from dist_coop.run import TRAINER_STATE, checkpoint_dir, latest_checkpoint, load_run
 from dist_coop.trainer import Trainer
+from tests.dist_helpers import rank_env
 from tests.helpers import RANKS, tiny_config
 from tests.media import make_clip
 
@@ -115,9 +116,7 @@ def test_profile_export_and_stream_build_no_trainer_optimizer_or_dataset(trained
 
 def deepspeed_worker(rank: int, port: int, out_dir: str, zero: int) -> None:
     """A one-process DeepSpeed run: two steps, a save, and the nets' eval outputs at every depth."""
-    os.environ.update(
-        {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    )
+    os.environ.update(rank_env(0, 1, port))
     torch.set_num_threads(1)
     extra = ["--dist.engine=deepspeed", f"--dist.zero_stage={zero}", "--train.device=cpu"]
     cfg = tiny_config(out_dir, *RANKS, *extra)
@@ -159,8 +158,7 @@ def test_deepspeed_zero3_one_process_run_ends_with_the_gates_read_whole(tmp_path
 
     from tests.helpers import TINY
 
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0"}
-    env.update({"WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    env = {**os.environ, **rank_env(0, 1, free_port())}
     argv = [*TINY, "--train.epochs=1", "--dist.engine=deepspeed", "--dist.zero_stage=3", "--train.device=cpu"]
     argv += [f"--train.out_dir={tmp_path}", "--train.run_name=z3", "--train.threads=1", f"--data.root={fmnist_root}"]
     root = Path(__file__).resolve().parents[1]

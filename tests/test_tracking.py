@@ -17,6 +17,7 @@ from dist_coop.ports import free_port
 from dist_coop.run import TRAINER_STATE, latest_checkpoint
 from dist_coop.track.mlflow_tracker import is_database_uri, mlflow_key, resume_changes, settings_before_resume
 from dist_coop.trainer import Trainer
+from tests.dist_helpers import rank_env
 from tests.helpers import RANKS, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,15 +155,7 @@ def save_and_resume_worker(rank: int, world_size: int, port: int, out_dir: str) 
     log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+    os.environ.update(rank_env(rank, world_size, port))
     extra = ["--dist.placement=split", "--dist.engine=deepspeed", "--dist.zero_stage=1", "--train.device=cpu"]
     cfg = tiny_config(out_dir, *RANKS, *extra)
     info = init_distributed("cpu", backend="gloo", need_group=True)
