@@ -34,6 +34,7 @@ from torch import Tensor
 from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.config import Config, TrainConfig, check_device, config_from_dict, save_config
 from dist_coop.coop.task import NetSpec, build_task
+from dist_coop.distributed.env import ignore_deepspeed_deprecations
 from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.models.registry import build_from_config
 
@@ -234,6 +235,7 @@ def net_state_dict(checkpoint: Path, net: str, engine: str) -> dict[str, Tensor]
         raise FileNotFoundError(f"DeepSpeed checkpoint not found: {save_dir / tag}")
     module = load_checkpoint(states[0])["module"]
     if any(t.numel() == 0 for t in module.values()):  # ZeRO-3: each rank holds a partition of every weight
+        ignore_deepspeed_deprecations()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # its progress report is not ours to print

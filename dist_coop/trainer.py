@@ -142,7 +142,8 @@ class Trainer:
         if self.cfg.dist.engine == "deepspeed":
             return DeepSpeedEngine(
                 net,
-                self.cfg,
+                optim,
+                self.cfg.dist,
                 self.total_steps,
                 group=group,
                 singleton=self.groups.singleton,

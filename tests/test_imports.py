@@ -105,3 +105,17 @@ def test_the_choices_in_config_are_what_the_modules_accept():
 
 def test_no_import_circle_in_the_package():
     assert cycles(import_graph()) == []
+
+
+def test_package_calls_no_api_whose_deprecation_warning_it_ignores():
+    """``DEEPSPEED_DEPRECATIONS`` silences warnings about APIs DeepSpeed calls; none may be called from here."""
+    from dist_coop.distributed.env import DEEPSPEED_DEPRECATIONS
+
+    names = {"all_gather_into_tensor", "reduce_scatter_tensor", "script_method"}
+    assert all(any(n in message for n in names) for _, message in DEEPSPEED_DEPRECATIONS)
+    calls = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in names:
+                calls.append(f"{path.name}:{node.lineno} {node.attr}")
+    assert not calls, calls

@@ -163,7 +163,8 @@ def _deepspeed_worker(rank: int, world_size: int, port: int, zero: int, out_dir:
         engines = [
             DeepSpeedEngine(
                 _nets(torch.float32, names=["teammate_a"])["teammate_a"],
-                cfg,
+                cfg.optim,
+                cfg.dist,
                 10,
                 group=dist.group.WORLD,
                 singleton=singletons[rank],

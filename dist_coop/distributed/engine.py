@@ -25,8 +25,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dist_coop.checkpoint import load_checkpoint, save_checkpoint
+from dist_coop.config import DistConfig, OptimConfig
+from dist_coop.distributed.env import ignore_deepspeed_deprecations
 from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.optim import build_optimizer, build_scheduler
+from dist_coop.run import deepspeed_save_dir
 
 ENGINES = ("torch", "deepspeed")
 
@@ -255,18 +258,26 @@ def grad_stats(norm: float, max_norm: float) -> dict[str, float]:
     return {"grad_norm": norm, "clip_coef": coef}
 
 
-def deepspeed_config(cfg, *, micro_batch: int, dp_size: int, max_norm: float | None = None) -> dict[str, Any]:
+def deepspeed_config(
+    optim: OptimConfig,
+    dist_cfg: DistConfig,
+    *,
+    micro_batch: int,
+    dp_size: int,
+    max_norm: float | None = None,
+) -> dict[str, Any]:
     """The DeepSpeed JSON config, generated from our YAML in this one place.
 
-    ``cfg`` is the whole ``Config``; ``dist.deepspeed_extra`` keys are merged over the result.
+    From the ``optim`` (precision, clipping) and ``dist`` (ZeRO stage) sections;
+    ``dist.deepspeed_extra`` keys are merged over the result.
     """
-    amp = cfg.optim.amp
+    amp = optim.amp
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * dp_size,
-        "gradient_clipping": cfg.optim.grad_clip if max_norm is None else max_norm,
-        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "gradient_clipping": optim.grad_clip if max_norm is None else max_norm,
+        "zero_optimization": {"stage": dist_cfg.zero_stage},
         "bf16": {"enabled": amp == "bf16"},
         "fp16": {"enabled": amp == "fp16"},
         "zero_allow_untested_optimizer": True,
@@ -275,7 +286,7 @@ def deepspeed_config(cfg, *, micro_batch: int, dp_size: int, max_norm: float | N
         # every rank saves under the same tag (DeepSpeedEngine.save): a differing one is a bug, not a warning
         "checkpoint": {"tag_validation": "Fail"},
     }
-    for key, value in cfg.dist.deepspeed_extra.items():
+    for key, value in dist_cfg.deepspeed_extra.items():
         if isinstance(value, dict) and isinstance(ds.get(key), dict):
             ds[key] = {**ds[key], **value}
         else:
@@ -291,7 +302,8 @@ class DeepSpeedEngine(_NetAccess):
     def __init__(
         self,
         net: AdaptiveNet,
-        cfg,
+        optim: OptimConfig,
+        dist_cfg: DistConfig,
         total_steps: int,
         *,
         group: Any,
@@ -299,13 +311,16 @@ class DeepSpeedEngine(_NetAccess):
         micro_batch: int,
         max_norm: float | None = None,
     ) -> None:
+        ignore_deepspeed_deprecations()
         import deepspeed
 
-        optimizer = build_optimizer(net, cfg.optim)
-        scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
+        optimizer = build_optimizer(net, optim)
+        scheduler = build_scheduler(optimizer, total_steps, optim)
         dp_size = dist.get_world_size(group)
-        self.max_norm = cfg.optim.grad_clip if max_norm is None else max_norm
-        self.config = deepspeed_config(cfg, micro_batch=micro_batch, dp_size=dp_size, max_norm=self.max_norm)
+        self.max_norm = optim.grad_clip if max_norm is None else max_norm
+        self.config = deepspeed_config(
+            optim, dist_cfg, micro_batch=micro_batch, dp_size=dp_size, max_norm=self.max_norm
+        )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=net,
             optimizer=optimizer,
@@ -401,9 +416,7 @@ class DeepSpeedEngine(_NetAccess):
         save_replica_buffers(self.module, self.engine.mpu.get_data_parallel_rank(), folder, name)
 
     def load(self, folder: Path, name: str) -> None:
-        save_dir, tag = folder / name, folder.name
-        if not (save_dir / tag).is_dir():  # the layout before the shared tag: <folder>/<name>/ as the tag
-            save_dir, tag = folder, name
+        save_dir, tag = deepspeed_save_dir(folder, name)
         path, _ = self.engine.load_checkpoint(str(save_dir), tag=tag)
         if path is None:
             raise ValueError(f"DeepSpeed checkpoint not found: {folder / name}")

@@ -19,6 +19,7 @@ import re
 import socket
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -232,3 +233,20 @@ def close_distributed(info: DistInfo) -> None:
     if info.initialized and dist.is_initialized():
         dist.destroy_process_group()
         set_default_group_timeout(None)
+
+
+# Deprecations that DeepSpeed 0.19.8 triggers under torch 2.13 and this package does not (tests/test_imports.py
+# checks that no module here calls these APIs): its ZeRO stages call the collectives torch now names
+# all_gather_single / reduce_scatter_single, and importing it imports torch modules that still use
+# torch.jit.script_method. Ignored by message, so every other warning (ours included) still shows or fails
+# a run under -W error.
+DEEPSPEED_DEPRECATIONS = (
+    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated"),
+)
+
+
+def ignore_deepspeed_deprecations() -> None:
+    """Install the filters of ``DEEPSPEED_DEPRECATIONS`` (process-wide: DeepSpeed warns from every step)."""
+    for category, message in DEEPSPEED_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=category)
