@@ -231,6 +231,10 @@ class TrainConfig:
     progress: bool = True
     on_nonfinite: str = "error"  # a net's loss or gradient is inf/nan: error (stop, naming it) | skip (drop its step)
     max_nonfinite: int = 10  # skip: stop after this many consecutive skipped steps of one net
+    # parts: each net's loss backpropagated part by part as soon as each part is known (one depth's graph
+    # alive at a time; the same gradients); whole: one backward of the summed loss. auto: parts, except under
+    # DeepSpeed ZeRO-3, which cannot accumulate several backward calls into one step here
+    backward: str = "auto"
 
     def __post_init__(self) -> None:
         _finite("train", self)
@@ -241,6 +245,7 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "max_nonfinite"):
             _positive("train", name, getattr(self, name))
         _choice("train", "on_nonfinite", self.on_nonfinite, ("error", "skip"))
+        _choice("train", "backward", self.backward, ("auto", "parts", "whole"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,6 +292,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.backward == "parts" and self.dist.engine == "deepspeed" and self.dist.zero_stage == 3:
+            raise ValueError(
+                "train.backward: parts needs DeepSpeed ZeRO stage 0-2 (ZeRO-3 cannot accumulate several backward "
+                "calls into one step); use train.backward: auto or whole"
+            )
+
+    def part_backward(self) -> bool:
+        """Does the loop backpropagate each net's loss in parts (``train.backward``)?"""
+        if self.train.backward == "auto":
+            return not (self.dist.engine == "deepspeed" and self.dist.zero_stage == 3)
+        return self.train.backward == "parts"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {

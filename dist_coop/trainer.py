@@ -106,6 +106,7 @@ class Trainer:
         check_engine_support(self.placement, cfg.dist.engine, cfg.dist.zero_stage)
         self.groups = build_groups(self.placement, self.dist)
         self.exchange = LogitExchange(self.placement, self.groups, self.dist)
+        self.part_backward = cfg.part_backward()  # train.backward: each net's loss in parts, or summed
         self.local_specs = [s for s in self.task.specs if s.name in self.placement.nets_of(self.dist.rank)]
         shard = self.placement.exchange_index(self.dist.rank)
         self.train_data = data.train.sharded(shard, self.placement.num_shards)
@@ -173,12 +174,18 @@ class Trainer:
             engine.module.train()
         self.task.set_progress(self.step, self.total_steps)
         self.guard.snapshot()  # skip mode: a skipped step must not leave its BN statistics behind
-        with self.autocast():
-            terms = self.task.local_terms(self.engines, x, y, self.exchange)
+        if self.part_backward:
+            terms = self._backward_in_parts(x, y)
+        else:
+            with self.autocast():
+                terms = self.task.local_terms(self.engines, x, y, self.exchange)
         totals: dict[str, torch.Tensor] = {}
         for name, value in terms.items():
             totals[net_of(name)] = totals.get(net_of(name), 0.0) + value
-        self._update(totals)
+        if self.part_backward:
+            self._step_after_parts(totals)
+        else:
+            self._update(totals)
         self.step += 1
         if not logs:
             return {}
@@ -189,6 +196,25 @@ class Trainer:
         out.update(self.guard.metrics())
         out["train/kd_scale"] = self.task.kd_scale
         return out
+
+    def _backward_in_parts(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The forwards and each net's loss backpropagated part by part (``CooperativeTask.backward_local``);
+        returns every term's detached value. The backward calls run outside autocast, as a backward should."""
+
+        def backward(name: str, loss: torch.Tensor, last: bool) -> None:
+            with torch.autocast(self.device.type, enabled=False):
+                self.engines[name].backward(loss, accumulate=not last)
+
+        with self.autocast():
+            return self.task.backward_local(self.engines, x, y, self.exchange, backward)
+
+    def _step_after_parts(self, totals: dict[str, torch.Tensor]) -> None:
+        """Clip, check and step every local net whose gradients the parts accumulated. A non-finite loss or
+        gradient is found after its backward here, so a skipped net's gradients are dropped by its step."""
+        norms = {n: e.clip_grads() if e.norm_before_step else None for n, e in self.engines.items()}
+        skip = self.guard.check(self.step, totals, norms)
+        for name, engine in self.engines.items():
+            engine.step(skip=name in skip)
 
     def _update(self, totals: dict[str, torch.Tensor]) -> None:
         """Backward and step every local net, unless the step guard skips it (non-finite loss or gradient).
