@@ -235,6 +235,11 @@ class TrainConfig:
     # alive at a time; the same gradients); whole: one backward of the summed loss. auto: parts, except under
     # DeepSpeed ZeRO-3, which cannot accumulate several backward calls into one step here
     backward: str = "auto"
+    # the GPU step (unmeasured here: no GPU was lent; see README "Benchmarks"): torch.compile of every residual
+    # block (none | default | reduce-overhead (CUDA graphs) | max-autotune | aot_eager, capture only) and the
+    # channels_last memory format for nets and inputs (with optim.amp: bf16, the fast conv layout on GPUs)
+    compile: str = "none"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         _finite("train", self)
@@ -246,6 +251,7 @@ class TrainConfig:
             _positive("train", name, getattr(self, name))
         _choice("train", "on_nonfinite", self.on_nonfinite, ("error", "skip"))
         _choice("train", "backward", self.backward, ("auto", "parts", "whole"))
+        _choice("train", "compile", self.compile, ("none", "default", "reduce-overhead", "max-autotune", "aot_eager"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,6 +304,11 @@ class Config:
             raise ValueError(
                 "train.backward: parts needs DeepSpeed ZeRO stage 0-2 (ZeRO-3 cannot accumulate several backward "
                 "calls into one step); use train.backward: auto or whole"
+            )
+
+        if self.train.compile != "none" and self.dist.engine == "deepspeed" and self.dist.zero_stage == 3:
+            raise ValueError(
+                "train.compile with DeepSpeed ZeRO-3 is not supported (its parameter hooks run per module)"
             )
 
     def part_backward(self) -> bool:

@@ -137,6 +137,10 @@ class Trainer:
     def _engine(self, index: int, spec: NetSpec) -> Engine:
         torch.manual_seed(self.cfg.train.seed * 1000 + index)  # same init whatever the placement
         net = build_from_config(self.cfg.model, self.cfg.coop.scaling_factors, leader=spec.leader).to(self.device)
+        if self.cfg.train.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if self.cfg.train.compile != "none":
+            net.compile_blocks(self.cfg.train.compile)
         group = self.groups.net.get(spec.name)
         optim = self.cfg.optim
         max_norm = clip_threshold(optim.grad_clip, optim.clip_scale, self.task.num_terms(spec.name))
@@ -174,6 +178,8 @@ class Trainer:
             engine.module.train()
         self.task.set_progress(self.step, self.total_steps)
         self.guard.snapshot()  # skip mode: a skipped step must not leave its BN statistics behind
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.part_backward:
             terms = self._backward_in_parts(x, y)
         else:

@@ -130,6 +130,27 @@ class AdaptiveNet(nn.Module):
     def depth(self) -> float:
         return self._depth
 
+    def compile_blocks(self, mode: str) -> None:
+        """``torch.compile`` each residual block in place (the GPU step for small, launch-bound nets).
+
+        The block is the unit: its forward is static once its BNs' depth row is fixed, while the net's
+        own forward picks blocks and depths in Python. Dynamo specialises a block's code on that row (and on
+        the rows a shared activation updates), so the cache holds a graph per block kind and row set; its
+        limit is raised to fit. ``mode``: an inductor mode (``default``, ``reduce-overhead`` = CUDA graphs,
+        ``max-autotune``) or ``aot_eager`` (graph capture and AOT autograd without code generation: a cheap
+        check that the blocks compile, as the tests use it). State dict keys do not change.
+        """
+        import torch._dynamo
+
+        limit = 4 * len(self.scaling_factors) * (len(self.scaling_factors) + 1)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, limit * len(self._blocks)
+        )
+        options = {"backend": "aot_eager"} if mode == "aot_eager" else {"mode": None if mode == "default" else mode}
+        for block in self._blocks:
+            block.compile(**options)
+
     def num_blocks(self, s: float | None = None) -> int:
         """Blocks that run at depth ``s`` (the current one by default)."""
         return mask_blocks(self.masks[self._depth if s is None else s])
