@@ -46,15 +46,18 @@ from dist_coop.distributed.engine import TorchEngine
 from dist_coop.distributed.env import resolve_device
 from dist_coop.models.registry import build_from_config
 
-# variant -> (model.share_prefix, backward part by part); None: the plain step
+# variant -> (model.share_prefix, backward part by part, the one net of a split-placement rank or None for the
+# colocated step of every net); None: the plain step
 VARIANTS = {
     "plain (1 net, s=1)": None,
-    "coop naive": (False, False),
-    "coop shared prefix": (True, False),
-    "coop part backward": (False, True),
-    "coop both": (True, True),
+    "coop naive": (False, False, None),
+    "coop shared prefix": (True, False, None),
+    "coop part backward": (False, True, None),
+    "coop both": (True, True, None),
+    "split: Teammate rank": (True, True, "teammate_a"),
 }
 OPTIMISED = "coop both"
+SPLIT = "split: Teammate rank"
 MiB = 2**20
 
 
@@ -110,16 +113,21 @@ def build_step(cfg, variant, x: torch.Tensor, y: torch.Tensor, device: torch.dev
 
         return plain_step
     task = CooperativeTask(cfg.coop)
+    _, parts, only = variant
     engines = {}
     for i, spec in enumerate(task.specs):
         torch.manual_seed(i)
+        if only is not None and spec.name != only:
+            continue
         net = build_from_config(cfg.model, cfg.coop.scaling_factors, leader=spec.leader).to(device).train()
         engines[spec.name] = TorchEngine(net, cfg.optim, 10**6)
-    _, parts = variant
+    # the split placement: the other nets' soft targets arrive by all-gather (B x C floats each)
+    peers = {spec.name: torch.randn(len(y), cfg.model.num_classes, device=device) for spec in task.specs}
+    exchange = dict if only is None else lambda own: {**peers, **own}
 
     def summed_step() -> None:
         with autocast():
-            terms = task.local_terms(engines, x, y, dict)
+            terms = task.local_terms(engines, x, y, exchange)
         totals: dict[str, torch.Tensor] = {}
         for key, value in terms.items():
             totals[net_of(key)] = totals.get(net_of(key), 0.0) + value
@@ -133,7 +141,7 @@ def build_step(cfg, variant, x: torch.Tensor, y: torch.Tensor, device: torch.dev
                 engines[name].backward(loss, accumulate=not last)
 
         with autocast():
-            task.backward_local(engines, x, y, dict, backward)
+            task.backward_local(engines, x, y, exchange, backward)
         for engine in engines.values():
             engine.step()
 
@@ -146,7 +154,7 @@ def worker(job: dict) -> dict:
         torch.set_num_threads(job["threads"])
     variant = VARIANTS[job["variant"]]
     overrides = list(job["overrides"])
-    if variant is not None:
+    if variant is not None:  # the split rank's ratio is to the plain step of its own net (the same net)
         overrides.append(f"--model.share_prefix={str(variant[0]).lower()}")
     cfg = load_config(job["config"], overrides)
     device = resolve_device(job["device"])
@@ -204,7 +212,7 @@ def measure(name: str, overrides: list[str], shape: tuple[int, ...], args) -> di
 
 
 def report(title: str, results: dict[str, dict], coop) -> tuple[float, float]:
-    """Print one net's table; returns (memory ratio, time beyond FLOPs) of the optimised variant."""
+    """Print one net's table; returns (memory ratio, time beyond FLOPs) of the optimised colocated variant."""
     plain = results["plain (1 net, s=1)"]
     print(title)
     print(
@@ -223,6 +231,8 @@ def report(title: str, results: dict[str, dict], coop) -> tuple[float, float]:
         f"Teammate forward + backward: {naive / coop.teammates / 1e9:.3f} GFLOP naive, "
         f"{shared / coop.teammates / 1e9:.3f} with the shared prefix ({100 * (1 - shared / naive):.1f} % less)"
     )
+    split = results[SPLIT]["act"] / plain["act"]
+    print(f"split placement, one Teammate per rank (both optimisations): {split:.2f}x a plain step's memory")
     best = results[OPTIMISED]
     return best["act"] / plain["act"], (best["seconds"] / plain["seconds"]) / (best["flops"] / plain["flops"])
 
