@@ -28,6 +28,7 @@ def run_steps(cfg, info, num_steps: int, nan_steps: tuple[int, ...] = ()) -> dic
         "nets": sorted(trainer.engines),
         "placement": trainer.placement.kind,
         "lr": [],
+        "clip": [],
     }
     for step, (x, y) in enumerate(trainer.train_data.epoch(0)):
         if step == num_steps:
@@ -35,6 +36,7 @@ def run_steps(cfg, info, num_steps: int, nan_steps: tuple[int, ...] = ()) -> dic
         logs = trainer.train_step(torch.full_like(x, float("nan")) if step in nan_steps else x, y)
         record["lr"].append({name: engine.lr() for name, engine in trainer.engines.items()})
         record["losses"].append({k: v for k, v in logs.items() if k.startswith("train/loss/")})
+        record["clip"].append({k: v for k, v in logs.items() if k.startswith("train/clip_coef/")})
         record["labels"].append(y.tolist())
         record["pixels"].append(float(x.double().sum()))
     record["params"] = {

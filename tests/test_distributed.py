@@ -57,10 +57,11 @@ def _assert_same_losses(got, ref, rel=1e-4):
 def test_split_three_ranks_equals_one_process(tmp_path, fmnist_root, engine, zero):
     """Leader, Teammate A, Teammate B on three ranks: every loss at every step equals the one-process run.
 
-    Gradient clipping is off here: DeepSpeed's clipping is its own code and moves parameters by
+    Gradient clipping is off under ZeRO-1/2: DeepSpeed's clipping is its own code and moves parameters by
     up to 1e-3 from torch's ``clip_grad_norm_`` after three steps (measured); everything else matches.
+    Under fp32 ZeRO-0 the engine clips as the torch engine does, and clipping stays on.
     """
-    overrides = ["--optim.grad_clip=0"] if engine == "deepspeed" else []
+    overrides = ["--optim.grad_clip=0"] if engine == "deepspeed" and zero > 0 else []
     ranks = spawn(
         3,
         tmp_path,
@@ -111,3 +112,19 @@ def test_colocated_two_ranks_keeps_replicas_equal(tmp_path, fmnist_root, zero):
     assert ranks[0]["nets"] == sorted(NETS) and ranks[0]["labels"] != ranks[1]["labels"]
     for name in NETS:
         torch.testing.assert_close(ranks[0]["params"][name], ranks[1]["params"][name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero0_clips_as_the_torch_engine(tmp_path, fmnist_root):
+    """fp32 ZeRO-0 in one process, clipping on every step (a low threshold): the DeepSpeed engine clips the
+    gradients itself (DeepSpeed's clipping off, no all-reduce in a group of one) and takes the torch
+    engine's steps; its clip coefficient is logged as the torch engine's is."""
+    clip = ["--optim.grad_clip=0.05", "--optim.clip_scale=none"]
+    (ds,) = spawn(1, tmp_path / "ds", ["--dist.engine=deepspeed", "--dist.zero_stage=0", *clip], num_steps=3)
+    ref = _reference(tmp_path, 3, *clip)
+    _assert_same_losses(ds["losses"], ref["losses"])
+    for name in NETS:
+        torch.testing.assert_close(ds["params"][name], ref["params"][name], rtol=1e-4, atol=1e-5)
+    for got, want in zip(ds["clip"], ref["clip"]):
+        assert got == pytest.approx(want, rel=1e-4)
+    assert all(0 < v < 1 for step in ds["clip"] for v in step.values())  # clipping acted on every step

@@ -296,7 +296,8 @@ def deepspeed_config(
 
 class DeepSpeedEngine(_NetAccess):
     # DeepSpeed computes the gradient norm inside its step, and its fp16 / bf16 / ZeRO optimizers skip a
-    # non-finite gradient themselves (its overflow handling): the step guard checks the loss, before backward
+    # non-finite gradient themselves (its overflow handling): the step guard checks the loss (fp32 ZeRO-0 with
+    # clipping on: this engine clips, and the guard checks the gradient norm too)
     norm_before_step = False
 
     def __init__(
@@ -318,8 +319,16 @@ class DeepSpeedEngine(_NetAccess):
         scheduler = build_scheduler(optimizer, total_steps, optim)
         dp_size = dist.get_world_size(group)
         self.max_norm = optim.grad_clip if max_norm is None else max_norm
+        # fp32 ZeRO-0: DeepSpeed would clip with a Python loop over parameters (a norm and a multiply kernel
+        # each, plus an all-reduce of the norm); the gradients are whole on every rank, so this engine clips
+        # them as the torch engine does (two foreach kernels) and DeepSpeed is told not to
+        self.own_clipping = dist_cfg.zero_stage == 0 and optim.amp == "none" and self.max_norm > 0
         self.config = deepspeed_config(
-            optim, dist_cfg, micro_batch=micro_batch, dp_size=dp_size, max_norm=self.max_norm
+            optim,
+            dist_cfg,
+            micro_batch=micro_batch,
+            dp_size=dp_size,
+            max_norm=0.0 if self.own_clipping else self.max_norm,
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=net,
@@ -337,6 +346,11 @@ class DeepSpeedEngine(_NetAccess):
             if self.config["fp16"]["enabled"]
             else torch.float32
         )
+        if self.own_clipping:
+            self.norm_before_step = True  # the guard can read this net's gradient norm, as with the torch engine
+        if self.config["zero_optimization"]["stage"] == 0 and dp_size == 1:
+            self.engine.enable_backward_allreduce = False  # a group of one: its all-reduce is a copy and a launch
+        self.grad_norm: Tensor | None = None
 
     def __call__(self, x: Tensor, **kwargs: Any) -> Any:
         """The net's forward through DeepSpeed's (``AdaptiveNet.forward``'s keywords pass through)."""
@@ -366,6 +380,17 @@ class DeepSpeedEngine(_NetAccess):
             )
         self.engine.set_gradient_accumulation_boundary(not accumulate)
         self.engine.backward(loss)
+
+    def clip_grads(self) -> Tensor | None:
+        """fp32 ZeRO-0 (``own_clipping``): after the backward's all-reduce, the norm of the whole gradients
+        and the clipping, as ``TorchEngine.clip_grads``; returns the norm before clipping. None otherwise
+        (DeepSpeed clips inside its step)."""
+        if not self.own_clipping:
+            return None
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, self.grad_norm)
+        return self.grad_norm
 
     def step(self, skip: bool = False) -> None:
         """DeepSpeed's step: clipping, optimizer, scheduler, zero_grad. ``skip``: no update, the gradients of
@@ -399,7 +424,9 @@ class DeepSpeedEngine(_NetAccess):
         return self.engine.get_lr()[0]
 
     def grad_stats(self) -> dict[str, float]:
-        """Gradient norm of the last step (DeepSpeed's global norm) and the clip factor."""
+        """Gradient norm of the last step (DeepSpeed's global norm, or this engine's) and the clip factor."""
+        if self.own_clipping:
+            return {} if self.grad_norm is None else grad_stats(self.grad_norm.item(), self.max_norm)
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return {}
