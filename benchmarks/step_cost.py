@@ -21,7 +21,7 @@ computed once (``model.share_prefix``) off/on, times each net's loss backpropaga
 The last two lines compare the quick-start net's cooperative step with both optimisations on
 against the plain step:
 
-    python benchmarks/step_cost.py [--config configs/quickstart.yaml] [--steps 20] [--device cpu]
+    python benchmarks/step_cost.py [--config configs/quickstart.yaml] [--steps 20] [--device cpu] [--amp bf16]
 """
 
 from __future__ import annotations
@@ -244,6 +244,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--amp", default="", help="optim.amp for every variant (none | bf16 | auto); default: the config's"
+    )
     parser.add_argument("--batches", type=int, nargs=2, default=[64, 128], help="two batch sizes (memory slope)")
     parser.add_argument("--r18-width", type=int, default=0, help="resnet18_64 width (0: 64 on CUDA, 8 on CPU)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -251,7 +254,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    cfg = load_config(args.config, [f"--train.device={args.device}"])
+    amp = [f"--optim.amp={args.amp}"] if args.amp else []
+    cfg = load_config(args.config, [f"--train.device={args.device}", *amp])
     device = resolve_device(args.device)
     from dist_coop.data import build_data
 
@@ -269,8 +273,8 @@ def main() -> None:
         f"(time at the larger), amp {cfg.optim.amp}; colocated cooperative step: "
         f"{'Leader + ' if cfg.coop.leader else ''}{cfg.coop.teammates} Teammate(s), torch engines"
     )
-    quick = measure("quickstart", [], shape, args)
-    r18_results = measure("resnet18_64", r18, (3, 64, 64), args)
+    quick = measure("quickstart", amp, shape, args)
+    r18_results = measure("resnet18_64", [*r18, *amp], (3, 64, 64), args)
     m = cfg.model
     report(f"resnet18_64 width {width}, 3x64x64, depths [0.5, 1.0]", r18_results, cfg.coop)
     ratio, beyond = report(
