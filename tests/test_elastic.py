@@ -65,6 +65,7 @@ def _generation_worker(rank: int, world_size: int, port: int, restart_counts: li
     close_distributed(info)
 
 
+@pytest.mark.slow  # starts processes
 def test_each_generation_meets_in_its_own_store(tmp_path):
     """Workers use an agent's store that outlives a restart (what torchrun's c10d rendezvous gives them),
     and the agents' restart counts differ (an agent that restarts for a peer's failure counts none): the
@@ -179,6 +180,7 @@ def test_two_agents_worker_killed_resumes_and_matches(tmp_path, fmnist_root):
 # ---------------------------------------------------------------- 9. no hang without end
 
 
+@pytest.mark.slow  # starts processes
 def test_rank_whose_peer_never_arrives_stops_within_timeout(tmp_path, fmnist_root):
     """Rank 0 of a world of 2 whose rank 1 never starts: exit code 1 and one line naming dist.timeout_s, after
     about that long (torch's default would wait 30 minutes)."""
@@ -195,6 +197,7 @@ def test_rank_whose_peer_never_arrives_stops_within_timeout(tmp_path, fmnist_roo
     assert 3 <= elapsed < 60
 
 
+@pytest.mark.slow  # starts processes
 def test_ranks_whose_peer_stalls_stop_within_timeout(tmp_path, fmnist_root):
     """3 ranks, split placement: after a checkpoint rank 2 is paused (SIGSTOP: alive, silent). Ranks 0 and 1
     wait for it in the exchange group's all-gather (a group of our own, not the default one) and stop after
