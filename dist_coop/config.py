@@ -300,21 +300,25 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        if self.train.backward == "parts" and self.dist.engine == "deepspeed" and self.dist.zero_stage == 3:
+        if self.zero3 and self.train.backward == "parts":
             raise ValueError(
                 "train.backward: parts needs DeepSpeed ZeRO stage 0-2 (ZeRO-3 cannot accumulate several backward "
                 "calls into one step); use train.backward: auto or whole"
             )
-
-        if self.train.compile != "none" and self.dist.engine == "deepspeed" and self.dist.zero_stage == 3:
+        if self.zero3 and self.train.compile != "none":
             raise ValueError(
                 "train.compile with DeepSpeed ZeRO-3 is not supported (its parameter hooks run per module)"
             )
 
+    @property
+    def zero3(self) -> bool:
+        """DeepSpeed ZeRO stage 3 (parameters partitioned)."""
+        return self.dist.engine == "deepspeed" and self.dist.zero_stage == 3
+
     def part_backward(self) -> bool:
         """Does the loop backpropagate each net's loss in parts (``train.backward``)?"""
         if self.train.backward == "auto":
-            return not (self.dist.engine == "deepspeed" and self.dist.zero_stage == 3)
+            return not self.zero3
         return self.train.backward == "parts"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -215,28 +215,26 @@ class Trainer:
             return self.task.backward_local(self.engines, x, y, self.exchange, backward)
 
     def _step_after_parts(self, totals: dict[str, torch.Tensor]) -> None:
-        """Clip, check and step every local net whose gradients the parts accumulated. A non-finite loss or
-        gradient is found after its backward here, so a skipped net's gradients are dropped by its step."""
+        """Clip, check and step every local net whose gradients are in (``norm_before_step`` engines are checked
+        on gradient norm and loss, the others on the loss); a skipped net's gradients are dropped by its step."""
         norms = {n: e.clip_grads() if e.norm_before_step else None for n, e in self.engines.items()}
         skip = self.guard.check(self.step, totals, norms)
         for name, engine in self.engines.items():
             engine.step(skip=name in skip)
 
     def _update(self, totals: dict[str, torch.Tensor]) -> None:
-        """Backward and step every local net, unless the step guard skips it (non-finite loss or gradient).
-
-        Each net's total touches only its own parameters (teachers are detached). The torch engine
-        knows its gradient norm before its update: its nets are checked on loss and gradient after
-        clipping. DeepSpeed computes the norm inside its step and skips non-finite gradients itself:
-        its nets are checked on the loss, before backward.
-        """
-        after_backward = all(engine.norm_before_step for engine in self.engines.values())
-        skip = set() if after_backward else self.guard.check(self.step, totals)
+        """One summed backward per local net, then as ``_step_after_parts``; unless some engine cannot give its
+        gradient norm before its step (DeepSpeed): the nets are then checked on the loss before backward, so a
+        non-finite loss skips the backward too. Each net's total touches only its own parameters."""
+        if all(engine.norm_before_step for engine in self.engines.values()):
+            for name, engine in self.engines.items():
+                engine.backward(totals[name])
+            self._step_after_parts(totals)
+            return
+        skip = self.guard.check(self.step, totals)
         for name, engine in self.engines.items():
             if name not in skip:
                 engine.backward(totals[name])
-        if after_backward:
-            skip = self.guard.check(self.step, totals, {n: e.clip_grads() for n, e in self.engines.items()})
         for name, engine in self.engines.items():
             engine.step(skip=name in skip)
 

@@ -31,8 +31,6 @@ from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.optim import build_optimizer, build_scheduler
 from dist_coop.run import deepspeed_save_dir
 
-ENGINES = ("torch", "deepspeed")
-
 
 class _NetAccess:
     """What the task needs of an engine besides the forward: depth scopes and the gates."""
@@ -41,6 +39,9 @@ class _NetAccess:
 
     def at_depth(self, s: float) -> AbstractContextManager[AdaptiveNet]:
         return self.module.at_depth(s)
+
+    def set_depth(self, s: float) -> None:
+        self.module.set_depth(s)
 
     def branch_starts(self, depths: Sequence[float]) -> dict[float, int]:
         return self.module.branch_starts(depths)
@@ -58,6 +59,16 @@ def clip_threshold(grad_clip: float, clip_scale: str, num_terms: int) -> float:
     if grad_clip <= 0:
         return 0.0
     return grad_clip * (num_terms if clip_scale == "terms" else 1)
+
+
+def clip_gradients(module: torch.nn.Module, max_norm: float) -> Tensor:
+    """The total norm of ``module``'s gradients (on device, no sync); they are scaled down to ``max_norm`` when
+    it is above (no multiply by 1 on every step when ``max_norm`` is 0, clipping off)."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def advance_schedule(scheduler: Any) -> None:
@@ -98,9 +109,6 @@ class TorchEngine(_NetAccess):
         """The net's forward (``AdaptiveNet.forward``'s keywords pass through)."""
         return self.module(x, **kwargs)
 
-    def set_depth(self, s: float) -> None:
-        self.module.set_depth(s)
-
     def backward(self, loss: Tensor, *, accumulate: bool = False) -> None:
         """Add ``loss``'s gradients (loss-scaled under fp16) to ``.grad``; ``accumulate``: more follow before the
         step (nothing differs here: the group's all-reduce and the unscaling wait for ``clip_grads``)."""
@@ -125,12 +133,7 @@ class TorchEngine(_NetAccess):
         """
         self._average_gradients()
         self.scaler.unscale_(self.optimizer)
-        # the norm is measured on every step (logged as train/grad_norm); the gradients are scaled only
-        # with a threshold (no multiply by 1 on every step when clipping is off)
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.max_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, self.grad_norm)
+        self.grad_norm = clip_gradients(self.module, self.max_norm)  # measured every step: train/grad_norm
         self._clipped = True
         return None if self.scaler.is_enabled() else self.grad_norm
 
@@ -173,26 +176,19 @@ class TorchEngine(_NetAccess):
         self.scaler.load_state_dict(state["scaler"])
 
     def save(self, folder: Path, name: str) -> None:
-        if self.group_rank == 0:  # replicas are identical: one writer per group...
+        """Replicas are identical: group rank 0 writes the state, the others their BN statistics only."""
+        if self.group_rank == 0:
             save_checkpoint(self.state_dict(), folder / f"{name}.pt")
-        else:  # ...but for their BN running statistics, each gathered on its own shard of the data
-            save_checkpoint(dict(self.module.named_buffers()), folder / f"{name}.rank{self.group_rank}.pt")
+        save_replica_buffers(self.module, self.group_rank, folder, name)
 
     def load(self, folder: Path, name: str) -> None:
-        device = next(self.module.parameters()).device
-        self.load_state_dict(load_checkpoint(folder / f"{name}.pt", device))
-        own = folder / f"{name}.rank{self.group_rank}.pt"
-        if self.group_rank and own.is_file():  # absent in checkpoints of an older layout: rank 0's then
-            buffers = load_checkpoint(own, device)
-            with torch.no_grad():
-                for key, b in self.module.named_buffers():
-                    b.copy_(buffers[key])
+        self.load_state_dict(load_checkpoint(folder / f"{name}.pt", next(self.module.parameters()).device))
+        load_replica_buffers(self.module, self.group_rank, folder, name)
 
 
 def save_replica_buffers(module: torch.nn.Module, group_rank: int, folder: Path, name: str) -> None:
-    """DeepSpeed saves the module of group rank 0 only; replica r > 0 keeps its BN statistics, gathered on its
-    own shard of the data, in ``<name>.rank<r>.pt`` (as ``TorchEngine`` does), so a resumed run equals an
-    uninterrupted one."""
+    """Group rank 0 saves the module; replica r > 0 keeps its BN statistics, gathered on its own shard of the
+    data, in ``<name>.rank<r>.pt``, so a resumed run equals an uninterrupted one (both engines)."""
     if group_rank:
         save_checkpoint(dict(module.named_buffers()), folder / f"{name}.rank{group_rank}.pt")
 
@@ -356,9 +352,6 @@ class DeepSpeedEngine(_NetAccess):
         """The net's forward through DeepSpeed's (``AdaptiveNet.forward``'s keywords pass through)."""
         return self.engine(x.to(self.dtype), **kwargs)
 
-    def set_depth(self, s: float) -> None:
-        self.module.set_depth(s)
-
     def backward(self, loss: Tensor, *, accumulate: bool = False) -> None:
         """DeepSpeed's backward of ``loss``; ``accumulate``: more backward calls follow before the step.
 
@@ -387,9 +380,7 @@ class DeepSpeedEngine(_NetAccess):
         (DeepSpeed clips inside its step)."""
         if not self.own_clipping:
             return None
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, self.grad_norm)
+        self.grad_norm = clip_gradients(self.module, self.max_norm)
         return self.grad_norm
 
     def step(self, skip: bool = False) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 import uuid
 import warnings
@@ -27,6 +26,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
+
+from dist_coop.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,6 @@ class PeerTimeoutError(RuntimeError):
     """Other ranks did not answer within ``dist.timeout_s``."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(
     device_name: str = "auto",
     *,
@@ -101,7 +96,7 @@ def init_distributed(
             os.environ.update(
                 {
                     "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(_free_port()),
+                    "MASTER_PORT": str(free_port()),
                     "RANK": "0",
                     "WORLD_SIZE": "1",
                     "LOCAL_RANK": "0",
