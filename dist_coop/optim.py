@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -21,6 +22,20 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
             wants_decay = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
             (decay if wants_decay else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def net_optim(cfg: OptimConfig, num_depths: int) -> OptimConfig:
+    """The optimizer settings of a net that trains ``num_depths`` depths on shared weights.
+
+    Its loss sums one CE (and KD) per depth, so the stem, the blocks every depth runs and the classifier
+    get ``num_depths`` gradients of a plain net's size each step. ``lr_scale: depths`` divides its LR by
+    ``num_depths`` (the Leader and independent nets train one depth: unchanged), so one step moves the
+    shared weights about as far as a plain net's step; summed at the full LR the Teammates' gates of the
+    deeper blocks collapse (docs/RESULTS.md). Weight decay per step is ``lr * weight_decay``, so it scales too.
+    """
+    if cfg.lr_scale == "none" or num_depths <= 1:
+        return cfg
+    return dataclasses.replace(cfg, lr=cfg.lr / num_depths)
 
 
 def build_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

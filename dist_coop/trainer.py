@@ -29,6 +29,7 @@ from dist_coop.evaluate import evaluate_sums, selected_depths, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.models.registry import build_from_config
+from dist_coop.optim import net_optim
 from dist_coop.preempt import Preempted
 from dist_coop.protocols import Engine
 from dist_coop.run import Inputs, TrainerState, checkpoint_dir, latest_checkpoint, mark_latest
@@ -142,7 +143,7 @@ class Trainer:
         if self.cfg.train.compile != "none":
             net.compile_blocks(self.cfg.train.compile)
         group = self.groups.net.get(spec.name)
-        optim = self.cfg.optim
+        optim = net_optim(self.cfg.optim, len(spec.trained_depths))
         max_norm = clip_threshold(optim.grad_clip, optim.clip_scale, self.task.num_terms(spec.name))
         if self.cfg.dist.engine == "deepspeed":
             return DeepSpeedEngine(
