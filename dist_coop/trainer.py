@@ -300,7 +300,7 @@ class Trainer:
     def log_step(self, logs: dict[str, float]) -> None:
         """The step's losses with throughput, learning rate and skipped samples, gathered and logged on rank 0."""
         logs[f"train/samples_per_s/rank{self.dist.rank}"] = self.meter.epoch_rate()
-        logs["train/lr"] = next(iter(self.engines.values())).lr()
+        logs.update({f"train/lr/{name}": engine.lr() for name, engine in self.engines.items()})  # per net: lr_scale
         logs[f"data/corrupt_skipped/rank{self.dist.rank}"] = float(self.train_data.skipped)
         logs = gather_to_main(self.dist, logs)
         self.tracker.log_metrics(self.step, logs)

@@ -12,6 +12,7 @@ from dist_coop.data import build_data
 from dist_coop.distributed.engine import clip_threshold, grad_stats
 from dist_coop.models import build_model
 from dist_coop.models.adaptive import gate_stats
+from dist_coop.optim import net_optim
 from dist_coop.trainer import Trainer
 from tests.helpers import tiny_config
 
@@ -129,6 +130,40 @@ def test_clip_threshold_reaches_the_engines(tmp_path):
     # default objective: Teammate = CE + kd_peer + kd_leader at s=1, (CE + kd_self + kd_peer) per sub-net
     assert task.num_terms("teammate_a") == 3 + 3 * 3
     assert clip_threshold(cfg.optim.grad_clip, cfg.optim.clip_scale, task.num_terms("leader")) == 2.0
+
+
+def test_net_optim_divides_the_lr_by_the_trained_depths():
+    cfg = load_config(None, ["--optim.lr=0.2"])
+    assert cfg.optim.lr_scale == "depths"
+    assert net_optim(cfg.optim, 4).lr == pytest.approx(0.05)
+    assert net_optim(cfg.optim, 4).weight_decay == cfg.optim.weight_decay  # per step: lr * wd, scaled with the LR
+    assert net_optim(cfg.optim, 1) is cfg.optim
+    off = load_config(None, ["--optim.lr=0.2", "--optim.lr_scale=none"]).optim
+    assert net_optim(off, 4) is off
+    with pytest.raises(ValueError, match="lr_scale"):
+        load_config(None, ["--optim.lr_scale=terms"])
+
+
+@pytest.mark.parametrize("scale", ["depths", "none"])
+def test_lr_scale_reaches_each_net_and_its_log(tmp_path, fmnist_root, recorder, scale):
+    cfg = tiny_config(tmp_path, "--optim.lr=0.2", "--optim.warmup_steps=0", f"--optim.lr_scale={scale}")
+    data = build_data(cfg.data, seed=0)
+    trainer = Trainer(cfg, data, run_dir=tmp_path, tracker=recorder)
+    depths = {spec.name: len(spec.trained_depths) for spec in trainer.task.specs}
+    assert depths == {"leader": 1, "teammate_a": 3, "teammate_b": 3}  # tiny config: s = 0.25, 0.5, 1
+    for name, engine in trainer.engines.items():
+        want = 0.2 / depths[name] if scale == "depths" else 0.2
+        assert [g["lr"] for g in engine.optimizer.param_groups] == pytest.approx([want] * 2)
+    trainer.train()
+    logged = next(m for m in recorder.metrics.values() if "train/lr/leader" in m)
+    assert logged["train/lr/teammate_a"] == pytest.approx(logged["train/lr/leader"] / (3 if scale == "depths" else 1))
+
+
+def test_lr_scale_leaves_independent_nets_at_the_full_lr(tmp_path, fmnist_root, recorder):
+    cfg = tiny_config(tmp_path, "--optim.lr=0.2", "--optim.warmup_steps=0", "--coop.task=independent")
+    trainer = Trainer(cfg, build_data(cfg.data, seed=0), run_dir=tmp_path, tracker=recorder)
+    lrs = [engine.optimizer.param_groups[0]["lr"] for engine in trainer.engines.values()]
+    assert len(lrs) == 3 and lrs == pytest.approx([0.2] * 3)
 
 
 def _outputs(net, x):
