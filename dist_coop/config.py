@@ -198,7 +198,8 @@ class OptimConfig:
     grad_clip: float = 5.0  # max global grad norm per net (per loss term with clip_scale: terms); 0 = off
     clip_scale: str = "terms"  # terms: grad_clip * the net's number of loss terms (same safety net per role) | none
     # depths: a net's LR is lr / the number of depths it trains (a Teammate sums a loss per depth on shared
-    # weights; summed, they move those weights ~4x as far per step as a plain net's: docs/RESULTS.md) | none
+    # weights; summed, they move those weights ~4x as far per SGD step as a plain net's: docs/RESULTS.md;
+    # AdamW's step does not grow with the gradient's scale, so it is left alone) | none
     lr_scale: str = "depths"
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 

@@ -32,8 +32,9 @@ def net_optim(cfg: OptimConfig, num_depths: int) -> OptimConfig:
     ``num_depths`` (the Leader and independent nets train one depth: unchanged), so one step moves the
     shared weights about as far as a plain net's step; summed at the full LR the Teammates' gates of the
     deeper blocks collapse (docs/RESULTS.md). Weight decay per step is ``lr * weight_decay``, so it scales too.
+    SGD only: AdamW divides by the gradient's own scale, so summing the depths' losses does not lengthen its step.
     """
-    if cfg.lr_scale == "none" or num_depths <= 1:
+    if cfg.lr_scale == "none" or num_depths <= 1 or cfg.name != "sgd":
         return cfg
     return dataclasses.replace(cfg, lr=cfg.lr / num_depths)
 

@@ -140,6 +140,8 @@ def test_net_optim_divides_the_lr_by_the_trained_depths():
     assert net_optim(cfg.optim, 1) is cfg.optim
     off = load_config(None, ["--optim.lr=0.2", "--optim.lr_scale=none"]).optim
     assert net_optim(off, 4) is off
+    adamw = load_config(None, ["--optim.name=adamw", "--optim.lr=0.001"]).optim
+    assert net_optim(adamw, 4) is adamw  # Adam's step does not scale with the summed gradient
     with pytest.raises(ValueError, match="lr_scale"):
         load_config(None, ["--optim.lr_scale=terms"])
 
