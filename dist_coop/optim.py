@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -12,36 +12,51 @@ from torch.optim.lr_scheduler import LambdaLR
 from dist_coop.config import OptimConfig
 
 
-def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv / linear weights only (not on BN affine, gates or biases)."""
-    decay, no_decay = [], []
+def param_groups(
+    net: nn.Module, weight_decay: float, lr: float, divisors: Mapping[int, int] | None = None
+) -> list[dict]:
+    """Weight decay on conv / linear weights only (not on BN affine, gates or biases); each parameter's LR is
+    ``lr / divisors[id(p)]`` (1 where absent). One group per (decay, divisor), the largest divisor first."""
+    divisors = divisors or {}
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for module in net.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             wants_decay = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
-            (decay if wants_decay else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((divisors.get(id(p), 1), wants_decay), []).append(p)
+    order = sorted(groups, key=lambda k: (-k[0], not k[1]))
+    return [{"params": groups[k], "weight_decay": weight_decay if k[1] else 0.0, "lr": lr / k[0]} for k in order]
 
 
-def net_optim(cfg: OptimConfig, num_depths: int) -> OptimConfig:
-    """The optimizer settings of a net that trains ``num_depths`` depths on shared weights.
+def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Sequence[float]) -> dict[int, int]:
+    """``id(p) -> d``: parameter p trains at ``lr / d`` (``optim.lr_scale``; absent = the full LR).
 
-    Its loss sums one CE (and KD) per depth, so the stem, the blocks every depth runs and the classifier
-    get ``num_depths`` gradients of a plain net's size each step. ``lr_scale: depths`` divides its LR by
-    ``num_depths`` (the Leader and independent nets train one depth: unchanged), so one step moves the
-    shared weights about as far as a plain net's step; summed at the full LR the Teammates' gates of the
-    deeper blocks collapse (docs/RESULTS.md). Weight decay per step is ``lr * weight_decay``, so it scales too.
-    SGD only: AdamW divides by the gradient's own scale, so summing the depths' losses does not lengthen its step.
+    A net that trains several depths sums one CE (and KD) per depth on shared weights: the stem, the
+    blocks every depth runs and the classifier get one plain net's gradient per depth each step, and a
+    block only deeper depths run gets one per depth that runs it. Summed at the full LR the shared
+    weights move several times as far per step as a plain net's, and the Teammates' gates of the deeper
+    blocks collapse (docs/RESULTS.md).
+
+    * ``depths``: every parameter at ``lr / len(depths)``.
+    * ``blocks``: each parameter at ``lr /`` the number of ``depths`` that run it (its block's mask
+      bits; the stem and the head: all of them), so every weight steps about as far as in a plain net.
+    * ``none``, one depth (the Leader, an independent net) or AdamW (its step does not grow with the
+      gradient's scale): {}.
+
+    Weight decay per step is ``lr * weight_decay``, so it scales with the LR.
     """
-    if cfg.lr_scale == "none" or num_depths <= 1 or cfg.name != "sgd":
-        return cfg
-    return dataclasses.replace(cfg, lr=cfg.lr / num_depths)
+    if cfg.lr_scale == "none" or cfg.name != "sgd" or len(depths) <= 1:
+        return {}
+    divisors = {id(p): len(depths) for p in net.parameters()}
+    if cfg.lr_scale == "blocks":
+        divisors.update(net.runs_per_parameter(depths))
+    return divisors
 
 
-def build_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or AdamW."""
-    groups = param_groups(net, cfg.weight_decay)
+def build_optimizer(net: nn.Module, cfg: OptimConfig, depths: Sequence[float] = (1.0,)) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW for a net that trains ``depths`` (their count scales the LR: lr_divisors)."""
+    groups = param_groups(net, cfg.weight_decay, cfg.lr, lr_divisors(net, cfg, depths))
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)

@@ -29,7 +29,6 @@ from dist_coop.evaluate import evaluate_sums, selected_depths, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.models.registry import build_from_config
-from dist_coop.optim import net_optim
 from dist_coop.preempt import Preempted
 from dist_coop.protocols import Engine
 from dist_coop.run import Inputs, TrainerState, checkpoint_dir, latest_checkpoint, mark_latest
@@ -143,7 +142,7 @@ class Trainer:
         if self.cfg.train.compile != "none":
             net.compile_blocks(self.cfg.train.compile)
         group = self.groups.net.get(spec.name)
-        optim = net_optim(self.cfg.optim, len(spec.trained_depths))
+        optim = self.cfg.optim
         max_norm = clip_threshold(optim.grad_clip, optim.clip_scale, self.task.num_terms(spec.name))
         if self.cfg.dist.engine == "deepspeed":
             return DeepSpeedEngine(
@@ -155,9 +154,12 @@ class Trainer:
                 singleton=self.groups.singleton,
                 micro_batch=self.train_data.batch_size,
                 max_norm=max_norm,
+                depths=spec.trained_depths,
             )
         fp16 = resolve_amp(self.cfg.optim.amp, self.device) == torch.float16
-        return TorchEngine(net, optim, self.total_steps, group=group, fp16=fp16, max_norm=max_norm)
+        return TorchEngine(
+            net, optim, self.total_steps, group=group, fp16=fp16, max_norm=max_norm, depths=spec.trained_depths
+        )
 
     @property
     def nets(self) -> dict[str, torch.nn.Module]:

@@ -12,7 +12,7 @@ from dist_coop.data import build_data
 from dist_coop.distributed.engine import clip_threshold, grad_stats
 from dist_coop.models import build_model
 from dist_coop.models.adaptive import gate_stats
-from dist_coop.optim import net_optim
+from dist_coop.optim import lr_divisors, param_groups
 from dist_coop.trainer import Trainer
 from tests.helpers import tiny_config
 
@@ -132,21 +132,31 @@ def test_clip_threshold_reaches_the_engines(tmp_path):
     assert clip_threshold(cfg.optim.grad_clip, cfg.optim.clip_scale, task.num_terms("leader")) == 2.0
 
 
-def test_net_optim_divides_the_lr_by_the_trained_depths():
+def test_lr_divisors_by_depths_and_by_blocks():
     cfg = load_config(None, ["--optim.lr=0.2"])
     assert cfg.optim.lr_scale == "depths"
-    assert net_optim(cfg.optim, 4).lr == pytest.approx(0.05)
-    assert net_optim(cfg.optim, 4).weight_decay == cfg.optim.weight_decay  # per step: lr * wd, scaled with the LR
-    assert net_optim(cfg.optim, 1) is cfg.optim
-    off = load_config(None, ["--optim.lr=0.2", "--optim.lr_scale=none"]).optim
-    assert net_optim(off, 4) is off
-    adamw = load_config(None, ["--optim.name=adamw", "--optim.lr=0.001"]).optim
-    assert net_optim(adamw, 4) is adamw  # Adam's step does not scale with the summed gradient
+    net = build_model("resnet20", (0.25, 0.5, 1.0), width=4)  # 3 blocks per stage: 1 / 2 / 3 kept
+    depths = (1.0, 0.25, 0.5)
+    by_depths = lr_divisors(net, cfg.optim, depths)
+    assert set(by_depths.values()) == {3} and len(by_depths) == len(list(net.parameters()))
+    blocks = lr_divisors(net, load_config(None, ["--optim.lr_scale=blocks"]).optim, depths)
+    stage = net.stages[1]
+    assert {blocks[id(p)] for p in stage[0].parameters()} == {3}  # the first block runs at every depth
+    assert {blocks[id(p)] for p in stage[1].parameters()} == {2}  # s = 0.5 and 1
+    assert {blocks[id(p)] for p in stage[2].parameters()} == {1}  # s = 1 only
+    assert blocks[id(net.backbone.conv1.weight)] == blocks[id(net.backbone.fc.weight)] == 3
+    groups = param_groups(net, 5e-4, 0.3, blocks)
+    assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.1, 0.15, 0.15, 0.3, 0.3])
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] * 3
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    assert lr_divisors(net, cfg.optim, (1.0,)) == {}  # the Leader, an independent net
+    assert lr_divisors(net, load_config(None, ["--optim.lr_scale=none"]).optim, depths) == {}
+    assert lr_divisors(net, load_config(None, ["--optim.name=adamw"]).optim, depths) == {}  # Adam: scale-free step
     with pytest.raises(ValueError, match="lr_scale"):
         load_config(None, ["--optim.lr_scale=terms"])
 
 
-@pytest.mark.parametrize("scale", ["depths", "none"])
+@pytest.mark.parametrize("scale", ["depths", "blocks", "none"])
 def test_lr_scale_reaches_each_net_and_its_log(tmp_path, fmnist_root, recorder, scale):
     cfg = tiny_config(tmp_path, "--optim.lr=0.2", "--optim.warmup_steps=0", f"--optim.lr_scale={scale}")
     data = build_data(cfg.data, seed=0)
@@ -154,11 +164,12 @@ def test_lr_scale_reaches_each_net_and_its_log(tmp_path, fmnist_root, recorder, 
     depths = {spec.name: len(spec.trained_depths) for spec in trainer.task.specs}
     assert depths == {"leader": 1, "teammate_a": 3, "teammate_b": 3}  # tiny config: s = 0.25, 0.5, 1
     for name, engine in trainer.engines.items():
-        want = 0.2 / depths[name] if scale == "depths" else 0.2
-        assert [g["lr"] for g in engine.optimizer.param_groups] == pytest.approx([want] * 2)
+        lrs = sorted({g["lr"] for g in engine.optimizer.param_groups})
+        want = {"depths": [0.2 / depths[name]], "none": [0.2]}.get(scale, [0.2 / d for d in range(depths[name], 0, -1)])
+        assert lrs == pytest.approx(want)
     trainer.train()
     logged = next(m for m in recorder.metrics.values() if "train/lr/leader" in m)
-    assert logged["train/lr/teammate_a"] == pytest.approx(logged["train/lr/leader"] / (3 if scale == "depths" else 1))
+    assert logged["train/lr/teammate_a"] == pytest.approx(logged["train/lr/leader"] / (1 if scale == "none" else 3))
 
 
 def test_lr_scale_leaves_independent_nets_at_the_full_lr(tmp_path, fmnist_root, recorder):

@@ -92,13 +92,14 @@ class TorchEngine(_NetAccess):
         group: Any = None,
         fp16: bool = False,
         max_norm: float | None = None,
+        depths: Sequence[float] = (1.0,),
     ) -> None:
         self.module = net
         self.optim_cfg = optim_cfg
         self.max_norm = optim_cfg.grad_clip if max_norm is None else max_norm
         self.grad_norm: Tensor | None = None  # of the last step, before clipping (read only when logging)
         self._clipped = False  # clip_grads ran for the pending step
-        self.optimizer = build_optimizer(net, optim_cfg)
+        self.optimizer = build_optimizer(net, optim_cfg, depths)
         self.scheduler = build_scheduler(self.optimizer, total_steps, optim_cfg)
         self.scaler = torch.amp.GradScaler(enabled=fp16)
         self.group = group
@@ -153,7 +154,8 @@ class TorchEngine(_NetAccess):
         self.optimizer.zero_grad(set_to_none=True)
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        """The current LR of the net's shared weights (the smallest of its groups: optim.lr_scale)."""
+        return min(self.scheduler.get_last_lr())
 
     def grad_stats(self) -> dict[str, float]:
         """Gradient norm of the last step and the factor clipping scaled it by (1 = untouched). Syncs."""
@@ -307,11 +309,12 @@ class DeepSpeedEngine(_NetAccess):
         singleton: Any,
         micro_batch: int,
         max_norm: float | None = None,
+        depths: Sequence[float] = (1.0,),
     ) -> None:
         ignore_deepspeed_deprecations()
         import deepspeed
 
-        optimizer = build_optimizer(net, optim)
+        optimizer = build_optimizer(net, optim, depths)
         scheduler = build_scheduler(optimizer, total_steps, optim)
         dp_size = dist.get_world_size(group)
         self.max_norm = optim.grad_clip if max_norm is None else max_norm
@@ -412,7 +415,7 @@ class DeepSpeedEngine(_NetAccess):
                 optimizer.averaged_gradients = {}
 
     def lr(self) -> float:
-        return self.engine.get_lr()[0]
+        return min(self.engine.get_lr())
 
     def grad_stats(self) -> dict[str, float]:
         """Gradient norm of the last step (DeepSpeed's global norm, or this engine's) and the clip factor."""

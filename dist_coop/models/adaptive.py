@@ -118,6 +118,15 @@ class AdaptiveNet(nn.Module):
         self._depth = 1.0
         self.set_depth(1.0)
 
+    def runs_per_parameter(self, depths: Sequence[float]) -> dict[int, int]:
+        """``id(p) -> how many of depths run p``, for the parameters of the blocks (the stem and the head run
+        at every depth and are left out)."""
+        out = {}
+        for position, block in enumerate(self._blocks):
+            runs = sum(self._flat_masks[s][position] for s in depths)
+            out.update({id(p): runs for p in block.parameters()})
+        return out
+
     @property
     def stages(self) -> list[DepthStage]:
         return [getattr(self.backbone, name) for name in self.stage_names]
