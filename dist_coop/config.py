@@ -199,7 +199,7 @@ class OptimConfig:
     clip_scale: str = "terms"  # terms: grad_clip * the net's number of loss terms (same safety net per role) | none
     # a net that trains several depths sums a loss per depth on shared weights (SGD; optim.lr_divisors):
     # depths = its LR / the number of depths | blocks = each parameter's LR / the depths that run it | none
-    lr_scale: str = "depths"
+    lr_scale: str = "blocks"
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 
     def __post_init__(self) -> None:
