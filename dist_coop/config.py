@@ -198,7 +198,8 @@ class OptimConfig:
     grad_clip: float = 5.0  # max global grad norm per net (per loss term with clip_scale: terms); 0 = off
     clip_scale: str = "terms"  # terms: grad_clip * the net's number of loss terms (same safety net per role) | none
     # a net that trains several depths sums a loss per depth on shared weights (SGD; optim.lr_divisors):
-    # depths = its LR / the number of depths | blocks = each parameter's LR / the depths that run it | none
+    # depths = its LR / the number of depths | blocks = each parameter's LR / the depths that run it
+    # | weighted = blocks with each depth counted by its loss weight (SFSL w(s), 1 at full depth) | none
     lr_scale: str = "blocks"
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 
@@ -208,7 +209,7 @@ class OptimConfig:
         _choice("optim", "schedule", self.schedule, ("cosine", "step", "constant"))
         _choice("optim", "amp", self.amp, ("none", "bf16", "fp16", "auto"))
         _choice("optim", "clip_scale", self.clip_scale, ("none", "terms"))
-        _choice("optim", "lr_scale", self.lr_scale, ("none", "depths", "blocks"))
+        _choice("optim", "lr_scale", self.lr_scale, ("none", "depths", "blocks", "weighted"))
         _positive("optim", "lr", self.lr)
         for name in ("momentum", "weight_decay", "warmup_steps", "grad_clip", "step_gamma"):
             _positive("optim", name, getattr(self, name), allow_zero=True)

@@ -11,14 +11,16 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from dist_coop.config import OptimConfig
 
+Depths = Sequence[float] | Mapping[float, float]  # the depths a net trains, or depth -> its loss weight
+
 
 def param_groups(
-    net: nn.Module, weight_decay: float, lr: float, divisors: Mapping[int, int] | None = None
+    net: nn.Module, weight_decay: float, lr: float, divisors: Mapping[int, float] | None = None
 ) -> list[dict]:
     """Weight decay on conv / linear weights only (not on BN affine, gates or biases); each parameter's LR is
     ``lr / divisors[id(p)]`` (1 where absent). One group per (decay, divisor), the largest divisor first."""
     divisors = divisors or {}
-    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for module in net.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
@@ -29,7 +31,7 @@ def param_groups(
     return [{"params": groups[k], "weight_decay": weight_decay if k[1] else 0.0, "lr": lr / k[0]} for k in order]
 
 
-def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Sequence[float]) -> dict[int, int]:
+def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, float]:
     """``id(p) -> d``: parameter p trains at ``lr / d`` (``optim.lr_scale``; absent = the full LR).
 
     A net that trains several depths sums one CE (and KD) per depth on shared weights: the stem, the
@@ -41,6 +43,9 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Sequence[float]) -> di
     * ``depths``: every parameter at ``lr / len(depths)``.
     * ``blocks``: each parameter at ``lr /`` the number of ``depths`` that run it (its block's mask
       bits; the stem and the head: all of them), so every weight steps about as far as in a plain net.
+    * ``weighted``: as ``blocks``, counting each depth by its loss weight (``depths`` as a mapping
+      depth -> weight: the SFSL weights w(s) of the sub-nets, 1 for the full depth), so a block that only
+      lightly weighted depths run is not slowed by the weighting.
     * ``none``, one depth (the Leader, an independent net) or AdamW (its step does not grow with the
       gradient's scale): {}.
 
@@ -48,13 +53,16 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Sequence[float]) -> di
     """
     if cfg.lr_scale == "none" or cfg.name != "sgd" or len(depths) <= 1:
         return {}
-    divisors = {id(p): len(depths) for p in net.parameters()}
-    if cfg.lr_scale == "blocks":
-        divisors.update(net.runs_per_parameter(depths))
+    weights = dict(depths) if isinstance(depths, Mapping) else dict.fromkeys(depths, 1.0)
+    if cfg.lr_scale != "weighted":
+        weights = dict.fromkeys(weights, 1.0)
+    divisors = {id(p): sum(weights.values()) for p in net.parameters()}
+    if cfg.lr_scale != "depths":
+        divisors.update(net.runs_per_parameter(weights))
     return divisors
 
 
-def build_optimizer(net: nn.Module, cfg: OptimConfig, depths: Sequence[float] = (1.0,)) -> torch.optim.Optimizer:
+def build_optimizer(net: nn.Module, cfg: OptimConfig, depths: Depths = (1.0,)) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov) or AdamW for a net that trains ``depths`` (their count scales the LR: lr_divisors)."""
     groups = param_groups(net, cfg.weight_decay, cfg.lr, lr_divisors(net, cfg, depths))
     if cfg.name == "sgd":

@@ -154,11 +154,11 @@ class Trainer:
                 singleton=self.groups.singleton,
                 micro_batch=self.train_data.batch_size,
                 max_norm=max_norm,
-                depths=spec.trained_depths,
+                depths=spec.trained_weights(),
             )
         fp16 = resolve_amp(self.cfg.optim.amp, self.device) == torch.float16
         return TorchEngine(
-            net, optim, self.total_steps, group=group, fp16=fp16, max_norm=max_norm, depths=spec.trained_depths
+            net, optim, self.total_steps, group=group, fp16=fp16, max_norm=max_norm, depths=spec.trained_weights()
         )
 
     @property

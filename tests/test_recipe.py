@@ -156,7 +156,25 @@ def test_lr_divisors_by_depths_and_by_blocks():
         load_config(None, ["--optim.lr_scale=terms"])
 
 
-@pytest.mark.parametrize("scale", ["depths", "blocks", "none"])
+def test_lr_divisors_weighted_by_the_sfsl_weights():
+    """``weighted``: a block's divisor sums the loss weights of the depths that run it (by hand, gamma 1 on
+    0.25 / 0.5: w = 4/3 and 2/3, the full depth 1)."""
+    net = build_model("resnet20", (0.25, 0.5, 1.0), width=4)
+    spec = CooperativeTask(load_config(None, ["--coop.scaling_factors=[0.25,0.5,1.0]"]).coop).specs[1]
+    assert spec.trained_weights() == pytest.approx({0.25: 4 / 3, 0.5: 2 / 3, 1.0: 1.0})
+    weighted = lr_divisors(net, load_config(None, ["--optim.lr_scale=weighted"]).optim, spec.trained_weights())
+    stage = net.stages[2]
+    assert sorted({weighted[id(p)] for p in stage[0].parameters()}) == pytest.approx(
+        [3.0]
+    )  # every depth: 4/3 + 2/3 + 1
+    assert sorted({weighted[id(p)] for p in stage[1].parameters()}) == pytest.approx([5 / 3])  # s = 0.5 and 1
+    assert sorted({weighted[id(p)] for p in stage[2].parameters()}) == pytest.approx([1.0])  # s = 1 only
+    assert weighted[id(net.backbone.fc.weight)] == pytest.approx(3.0)
+    blocks = lr_divisors(net, load_config(None, []).optim, spec.trained_weights())  # blocks ignores the weights
+    assert blocks[id(next(stage[1].parameters()))] == 2
+
+
+@pytest.mark.parametrize("scale", ["depths", "blocks", "weighted", "none"])
 def test_lr_scale_reaches_each_net_and_its_log(tmp_path, fmnist_root, recorder, scale):
     cfg = tiny_config(tmp_path, "--optim.lr=0.2", "--optim.warmup_steps=0", f"--optim.lr_scale={scale}")
     data = build_data(cfg.data, seed=0)
@@ -166,6 +184,8 @@ def test_lr_scale_reaches_each_net_and_its_log(tmp_path, fmnist_root, recorder, 
     for name, engine in trainer.engines.items():
         lrs = sorted({g["lr"] for g in engine.optimizer.param_groups})
         want = {"depths": [0.2 / depths[name]], "none": [0.2]}.get(scale, [0.2 / d for d in range(depths[name], 0, -1)])
+        if scale == "weighted" and depths[name] == 3:  # SFSL weights 4/3 and 2/3 (gamma 1), the full depth 1
+            want = [0.2 / 3, 0.2 / (5 / 3), 0.2]
         assert lrs == pytest.approx(want)
     trainer.train()
     logged = next(m for m in recorder.metrics.values() if "train/lr/leader" in m)

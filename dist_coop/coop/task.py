@@ -43,6 +43,11 @@ class NetSpec:
     train_depth: float = 1.0  # the depth whose logits are this net's soft targets
     role: str = ""  # metric name prefix; "" = name
     trained_depths: tuple[float, ...] = (1.0,)  # depths with a loss term (others are only truncated)
+    depth_weights: tuple[float, ...] = ()  # their loss weights (SFSL w(s) of the sub-nets, 1 at full depth); () = all 1
+
+    def trained_weights(self) -> dict[float, float]:
+        """``depth -> loss weight`` of the trained depths (``optim.lr_scale: weighted`` reads it)."""
+        return dict(zip(self.trained_depths, self.depth_weights or (1.0,) * len(self.trained_depths), strict=True))
 
     def metric(self, s: float) -> str:
         """``teammate_a@0.25``: how depth ``s`` of this net is named in metrics."""
@@ -63,7 +68,8 @@ class CooperativeTask:
         teammates = (TEAMMATE_A, TEAMMATE_B)[: coop.teammates]
         trained = (*self.sub_factors, 1.0)
         self.specs = ([NetSpec(LEADER, True, self.factors)] if coop.leader else []) + [
-            NetSpec(name, False, self.factors, trained_depths=trained) for name in teammates
+            NetSpec(name, False, self.factors, trained_depths=trained, depth_weights=(*self.weights.values(), 1.0))
+            for name in teammates
         ]
 
     def set_progress(self, step: int, total_steps: int) -> None:

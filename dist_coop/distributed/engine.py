@@ -28,7 +28,7 @@ from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.config import DistConfig, OptimConfig
 from dist_coop.distributed.env import ignore_deepspeed_deprecations
 from dist_coop.models.adaptive import AdaptiveNet
-from dist_coop.optim import build_optimizer, build_scheduler
+from dist_coop.optim import Depths, build_optimizer, build_scheduler
 from dist_coop.run import deepspeed_save_dir
 
 
@@ -92,7 +92,7 @@ class TorchEngine(_NetAccess):
         group: Any = None,
         fp16: bool = False,
         max_norm: float | None = None,
-        depths: Sequence[float] = (1.0,),
+        depths: Depths = (1.0,),
     ) -> None:
         self.module = net
         self.optim_cfg = optim_cfg
@@ -309,7 +309,7 @@ class DeepSpeedEngine(_NetAccess):
         singleton: Any,
         micro_batch: int,
         max_norm: float | None = None,
-        depths: Sequence[float] = (1.0,),
+        depths: Depths = (1.0,),
     ) -> None:
         ignore_deepspeed_deprecations()
         import deepspeed

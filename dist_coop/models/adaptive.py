@@ -20,7 +20,7 @@ each depth's BN statistics row is updated as its own forward would update it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -118,12 +118,14 @@ class AdaptiveNet(nn.Module):
         self._depth = 1.0
         self.set_depth(1.0)
 
-    def runs_per_parameter(self, depths: Sequence[float]) -> dict[int, int]:
-        """``id(p) -> how many of depths run p``, for the parameters of the blocks (the stem and the head run
-        at every depth and are left out)."""
+    def runs_per_parameter(self, depths: Sequence[float] | Mapping[float, float]) -> dict[int, float]:
+        """``id(p) -> how many of depths run p`` (with a mapping depth -> weight: the summed weights of the
+        depths that run p), for the parameters of the blocks (the stem and the head run at every depth and
+        are left out)."""
+        weights = depths if isinstance(depths, Mapping) else dict.fromkeys(depths, 1)
         out = {}
         for position, block in enumerate(self._blocks):
-            runs = sum(self._flat_masks[s][position] for s in depths)
+            runs = sum(w for s, w in weights.items() if self._flat_masks[s][position])
             out.update({id(p): runs for p in block.parameters()})
         return out
 
