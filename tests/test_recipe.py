@@ -133,7 +133,7 @@ def test_clip_threshold_reaches_the_engines(tmp_path):
 
 
 def test_lr_divisors_by_depths_and_by_blocks():
-    assert load_config(None, []).optim.lr_scale == "blocks"
+    assert load_config(None, []).optim.lr_scale == "weighted"
     cfg = load_config(None, ["--optim.lr=0.2", "--optim.lr_scale=depths"])
     net = build_model("resnet20", (0.25, 0.5, 1.0), width=4)  # 3 blocks per stage: 1 / 2 / 3 kept
     depths = (1.0, 0.25, 0.5)
@@ -170,7 +170,8 @@ def test_lr_divisors_weighted_by_the_sfsl_weights():
     assert sorted({weighted[id(p)] for p in stage[1].parameters()}) == pytest.approx([5 / 3])  # s = 0.5 and 1
     assert sorted({weighted[id(p)] for p in stage[2].parameters()}) == pytest.approx([1.0])  # s = 1 only
     assert weighted[id(net.backbone.fc.weight)] == pytest.approx(3.0)
-    blocks = lr_divisors(net, load_config(None, []).optim, spec.trained_weights())  # blocks ignores the weights
+    blocks = lr_divisors(net, load_config(None, ["--optim.lr_scale=blocks"]).optim, spec.trained_weights())
+    # blocks counts the depths, ignoring their weights
     assert blocks[id(next(stage[1].parameters()))] == 2
 
 
