@@ -200,7 +200,7 @@ class OptimConfig:
     # a net that trains several depths sums a loss per depth on shared weights (SGD; optim.lr_divisors):
     # depths = its LR / the number of depths | blocks = each parameter's LR / the depths that run it
     # | weighted = blocks with each depth counted by its loss weight (SFSL w(s), 1 at full depth) | none
-    lr_scale: str = "weighted"
+    lr_scale: str = "blocks"
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 
     def __post_init__(self) -> None:

@@ -41,9 +41,9 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
     blocks collapse (docs/RESULTS.md).
 
     * ``depths``: every parameter at ``lr / len(depths)``.
-    * ``blocks``: each parameter at ``lr /`` the number of ``depths`` that run it (its block's mask
+    * ``blocks`` (the default): each parameter at ``lr /`` the number of ``depths`` that run it (its block's mask
       bits; the stem and the head: all of them), so every weight steps about as far as in a plain net.
-    * ``weighted`` (the default): as ``blocks``, counting each depth by its loss weight (``depths`` as a
+    * ``weighted``: as ``blocks``, counting each depth by its loss weight (``depths`` as a
       mapping depth -> weight: the SFSL weights w(s) of the sub-nets, 1 for the full depth), so a block
       that only lightly weighted depths run is not slowed by the weighting (with gamma 0: ``blocks``).
     * ``none``, one depth (the Leader, an independent net) or AdamW (its step does not grow with the
