@@ -295,30 +295,46 @@ def render_markdown(
 
 
 def plot_ladder(ladder: Mapping[str, Any], path: str | Path) -> Path:
-    """Top-1 (mean, std error bars) vs GFLOPs per image: a line per rung, variants dashed."""
+    """Top-1 (mean, std error bars) vs GFLOPs per image: a line per rung (the variants are in RESULTS.md's
+    tables). The y axis spans the rungs other than ``full_only`` (whose truncated shallow depths sit tens of
+    points lower); a point below it is drawn on the axis with its value written next to it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    variants = ladder.get("variants", {})
-    colors = {name: f"C{i}" for i, name in enumerate([*RUNGS, *variants])}  # a rung keeps its colour across reports
-    for group, style in ((ladder["rungs"], "-"), (variants, "--")):
-        for name, r in group.items():
-            ds = [d for d in sorted(r["mean"], key=float) if r["gflops"].get(d) is not None]
-            xs, ys = [r["gflops"][d] for d in ds], [r["mean"][d] for d in ds]
-            yerr = [r["std"][d] or 0.0 for d in ds]
-            ax.errorbar(xs, ys, yerr=yerr, marker="o", linestyle=style, capsize=3, label=name, color=colors[name])
-            if name == "ctf":
-                for d, x, y in zip(ds, xs, ys):
-                    ax.annotate(f"s={float(d):g}", (x, y), textcoords="offset points", xytext=(3, -12), fontsize=7)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    colors = {name: f"C{i}" for i, name in enumerate(RUNGS)}  # a rung keeps its colour across reports
+    points = {
+        name: [(r["gflops"][d], r["mean"][d], r["std"][d] or 0.0, d) for d in sorted(r["mean"], key=float)]
+        for name, r in ladder["rungs"].items()
+    }
+    points = {name: [p for p in pts if p[0] is not None and p[1] is not None] for name, pts in points.items()}
+    span = [y - e for name, pts in points.items() if name != "full_only" for _, y, e, _ in pts]
+    top = [y + e for pts in points.values() for _, y, e, _ in pts]
+    low = math.floor(min(span) - 1.0) if span else None
+    for name, pts in points.items():
+        if not pts:
+            continue
+        xs, ys, es, ds = zip(*pts, strict=True)
+        off = [low is not None and y < low for y in ys]  # drawn on the axis, without an error bar
+        shown = [low if o else y for y, o in zip(ys, off, strict=True)]
+        bars = [0.0 if o else e for e, o in zip(es, off, strict=True)]
+        ax.errorbar(xs, shown, yerr=bars, marker="o", capsize=3, label=name, color=colors.get(name))
+        for x, y, d in zip(xs, ys, ds, strict=True):
+            if low is not None and y < low:
+                ax.annotate(f"{name} s={float(d):g}: {y:.1f}", (x, low), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=colors.get(name))  # fmt: skip
+            elif name == "ctf":
+                ax.annotate(f"s={float(d):g}", (x, y), textcoords="offset points", xytext=(3, -12), fontsize=7)
+    if low is not None and top:
+        ax.set_ylim(low, math.ceil(max(top) + 0.5))
     ax.set_xlabel("GFLOPs per image (forward)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("ablation ladder: top-1 vs compute per depth (mean ± std over seeds)")
+    ax.set_title("ablation ladder: top-1 vs compute per depth (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[1]:  # an empty sweep still gets its (empty) figure
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
