@@ -321,8 +321,8 @@ def plot_ladder(ladder: Mapping[str, Any], path: str | Path) -> Path:
         shown = [low if o else y for y, o in zip(ys, off, strict=True)]
         bars = [0.0 if o else e for e, o in zip(es, off, strict=True)]
         ax.errorbar(xs, shown, yerr=bars, marker="o", capsize=3, label=name, color=colors.get(name))
-        for x, y, d in zip(xs, ys, ds, strict=True):
-            if low is not None and y < low:
+        for x, y, d, o in zip(xs, ys, ds, off, strict=True):
+            if o:
                 ax.annotate(f"{name} s={float(d):g}: {y:.1f}", (x, low), textcoords="offset points", xytext=(4, 4),
                             fontsize=7, color=colors.get(name))  # fmt: skip
             elif name == "ctf":
