@@ -56,9 +56,8 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
     """
     if cfg.lr_scale == "none" or cfg.name != "sgd" or len(depths) <= 1:
         return {}
-    weights = dict(depths) if isinstance(depths, Mapping) else dict.fromkeys(depths, 1.0)
-    if cfg.lr_scale != "weighted":
-        weights = dict.fromkeys(weights, 1.0)
+    weighted = cfg.lr_scale == "weighted" and isinstance(depths, Mapping)
+    weights = dict(depths) if weighted else dict.fromkeys(depths, 1.0)  # a mapping's keys are its depths
     divisors = {id(p): sum(weights.values()) for p in net.parameters()}
     if cfg.lr_scale != "depths":
         divisors.update(net.runs_per_parameter(weights))

@@ -164,9 +164,8 @@ def test_lr_divisors_weighted_by_the_sfsl_weights():
     assert spec.trained_weights() == pytest.approx({0.25: 4 / 3, 0.5: 2 / 3, 1.0: 1.0})
     weighted = lr_divisors(net, load_config(None, ["--optim.lr_scale=weighted"]).optim, spec.trained_weights())
     stage = net.stages[2]
-    assert sorted({weighted[id(p)] for p in stage[0].parameters()}) == pytest.approx(
-        [3.0]
-    )  # every depth: 4/3 + 2/3 + 1
+    # every depth runs the first block: 4/3 + 2/3 + 1
+    assert sorted({weighted[id(p)] for p in stage[0].parameters()}) == pytest.approx([3.0])
     assert sorted({weighted[id(p)] for p in stage[1].parameters()}) == pytest.approx([5 / 3])  # s = 0.5 and 1
     assert sorted({weighted[id(p)] for p in stage[2].parameters()}) == pytest.approx([1.0])  # s = 1 only
     assert weighted[id(net.backbone.fc.weight)] == pytest.approx(3.0)

@@ -118,11 +118,10 @@ class AdaptiveNet(nn.Module):
         self._depth = 1.0
         self.set_depth(1.0)
 
-    def runs_per_parameter(self, depths: Sequence[float] | Mapping[float, float]) -> dict[int, float]:
-        """``id(p) -> how many of depths run p`` (with a mapping depth -> weight: the summed weights of the
-        depths that run p), for the parameters of the blocks (the stem and the head run at every depth and
-        are left out)."""
-        weights = depths if isinstance(depths, Mapping) else dict.fromkeys(depths, 1)
+    def runs_per_parameter(self, weights: Mapping[float, float]) -> dict[int, float]:
+        """``id(p) ->`` the summed ``weights`` (depth -> weight; all 1: how many of the depths) of the depths
+        that run p, for the parameters of the blocks (the stem and the head run at every depth and are left
+        out)."""
         out = {}
         for position, block in enumerate(self._blocks):
             runs = sum(w for s, w in weights.items() if self._flat_masks[s][position])
