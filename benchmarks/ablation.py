@@ -329,6 +329,7 @@ def report(spec: Spec, results_dir: str | Path, docs_dir: str | Path, generated_
         notes=extra["notes.md"],
         recipes=extra["recipes.md"],
         warnings=warnings,
+        notes_path=(docs / "results" / "notes.md").as_posix(),
     )
     tmp = docs / ".RESULTS.md.tmp"
     tmp.write_text(text)
