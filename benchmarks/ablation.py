@@ -478,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         spec = load_spec(args.spec, parse_sets(args.set))
         sets = "".join(f" --set {s}" for s in args.set)
-        dirs = f" --results {args.results}" * (args.results != str(Path("docs/results/runs")))
+        dirs = f" --results {args.results}" * (args.results != str(Path(args.docs) / "results" / "runs"))
         dirs += f" --docs {args.docs}" * (args.docs != "docs")
         generated_by = f"python benchmarks/ablation.py report --spec {args.spec}{sets}{dirs}"
         if args.command == "run":
