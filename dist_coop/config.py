@@ -201,6 +201,7 @@ class OptimConfig:
     # depths = its LR / the number of depths | blocks = each parameter's LR / the depths that run it
     # | weighted = blocks with each depth counted by its loss weight (SFSL w(s), 1 at full depth) | none
     lr_scale: str = "blocks"
+    keep_decay: bool = False  # with lr_scale, weight decay x the LR divisor: a shared weight decays as a plain net's
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 
     def __post_init__(self) -> None:

@@ -15,10 +15,17 @@ Depths = Sequence[float] | Mapping[float, float]  # the depths a net trains, or 
 
 
 def param_groups(
-    net: nn.Module, weight_decay: float, lr: float, divisors: Mapping[int, float] | None = None
+    net: nn.Module,
+    weight_decay: float,
+    lr: float,
+    divisors: Mapping[int, float] | None = None,
+    keep_decay: bool = False,
 ) -> list[dict]:
     """Weight decay on conv / linear weights only (not on BN affine, gates or biases); each parameter's LR is
-    ``lr / divisors[id(p)]`` (1 where absent). One group per (decay, divisor), the largest divisor first."""
+    ``lr / divisors[id(p)]`` (1 where absent). One group per (decay, divisor), the largest divisor first.
+
+    SGD decays a weight by ``lr * weight_decay`` per step, so a group at ``lr / d`` decays d times more slowly
+    than a plain net; ``keep_decay`` gives it ``weight_decay * d``, the plain net's decay per step."""
     divisors = divisors or {}
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for module in net.modules():
@@ -28,7 +35,14 @@ def param_groups(
             wants_decay = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
             groups.setdefault((divisors.get(id(p), 1), wants_decay), []).append(p)
     order = sorted(groups, key=lambda k: (-k[0], not k[1]))
-    return [{"params": groups[k], "weight_decay": weight_decay if k[1] else 0.0, "lr": lr / k[0]} for k in order]
+    return [
+        {
+            "params": groups[k],
+            "weight_decay": weight_decay * (k[0] if keep_decay else 1) if k[1] else 0.0,
+            "lr": lr / k[0],
+        }
+        for k in order
+    ]
 
 
 def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, float]:
@@ -52,7 +66,8 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
     Weight decay per step is ``lr * weight_decay``, so it scales with the LR: a shared weight at ``lr / d``
     decays d times more slowly than a plain net's (the step is that of the mean loss with the decay / d).
     Over the ladder's ~500 steps that is a shrink of ~0.3 % instead of ~1.2 %; over a 200-epoch schedule it
-    is not negligible and is not measured (README, Known limitations).
+    sets the equilibrium norm of the BN-normalised weights. ``optim.keep_decay`` keeps the plain net's
+    decay per step (``param_groups``).
     """
     if cfg.lr_scale == "none" or cfg.name != "sgd" or len(depths) <= 1:
         return {}
@@ -66,7 +81,7 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
 
 def build_optimizer(net: nn.Module, cfg: OptimConfig, depths: Depths = (1.0,)) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov) or AdamW for a net that trains ``depths`` (their count scales the LR: lr_divisors)."""
-    groups = param_groups(net, cfg.weight_decay, cfg.lr, lr_divisors(net, cfg, depths))
+    groups = param_groups(net, cfg.weight_decay, cfg.lr, lr_divisors(net, cfg, depths), cfg.keep_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)

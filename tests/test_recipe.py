@@ -174,6 +174,29 @@ def test_lr_divisors_weighted_by_the_sfsl_weights():
     assert blocks[id(next(stage[1].parameters()))] == 2
 
 
+def test_keep_decay_gives_every_scaled_group_the_plain_nets_decay_per_step():
+    """SGD's decay per step is lr * wd: at lr / d a shared weight would decay d times more slowly; keep_decay
+    multiplies its group's wd by d (resnet20, s = 0.25 / 0.5 / 1: divisors 3, 2, 1)."""
+    net = build_model("resnet20", (0.25, 0.5, 1.0), width=4)
+    cfg = load_config(None, ["--optim.lr=0.3", "--optim.keep_decay=true"]).optim
+    assert load_config(None, []).optim.keep_decay is False
+    blocks = lr_divisors(net, cfg, (1.0, 0.25, 0.5))
+    groups = param_groups(net, 5e-4, 0.3, blocks, keep_decay=True)
+    assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.1, 0.15, 0.15, 0.3, 0.3])
+    assert [g["weight_decay"] for g in groups] == pytest.approx([1.5e-3, 0.0, 1e-3, 0.0, 5e-4, 0.0])
+    assert [g["lr"] * g["weight_decay"] for g in groups if g["weight_decay"]] == pytest.approx([1.5e-4] * 3)
+    # one SGD step on a zero gradient shrinks every decayed weight by lr * wd = 1.5e-4, whatever its group
+    w = net.stages[1][0].conv1.weight
+    before = w.detach().clone()
+    opt = torch.optim.SGD(groups, lr=0.3)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(w.detach(), before * (1 - 1.5e-4))
+    with pytest.raises(ValueError, match="keep_decay"):
+        load_config(None, ["--optim.keep_decay=3"])
+
+
 @pytest.mark.parametrize("scale", ["depths", "blocks", "weighted", "none"])
 def test_lr_scale_reaches_each_net_and_its_log(tmp_path, fmnist_root, recorder, scale):
     cfg = tiny_config(tmp_path, "--optim.lr=0.2", "--optim.warmup_steps=0", f"--optim.lr_scale={scale}")
