@@ -12,7 +12,7 @@ from dist_coop.data import build_data
 from dist_coop.distributed.engine import clip_threshold, grad_stats
 from dist_coop.models import build_model
 from dist_coop.models.adaptive import gate_stats
-from dist_coop.optim import lr_divisors, param_groups
+from dist_coop.optim import build_optimizer, lr_divisors, param_groups
 from dist_coop.trainer import Trainer
 from tests.helpers import tiny_config
 
@@ -193,6 +193,8 @@ def test_keep_decay_gives_every_scaled_group_the_plain_nets_decay_per_step():
         p.grad = torch.zeros_like(p)
     opt.step()
     assert torch.allclose(w.detach(), before * (1 - 1.5e-4))
+    built = build_optimizer(net, cfg, (1.0, 0.25, 0.5)).param_groups  # the option reaches the optimizer
+    assert [g["weight_decay"] for g in built] == pytest.approx([1.5e-3, 0.0, 1e-3, 0.0, 5e-4, 0.0])
     with pytest.raises(ValueError, match="keep_decay"):
         load_config(None, ["--optim.keep_decay=3"])
 
