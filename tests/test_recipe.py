@@ -183,7 +183,8 @@ def test_keep_decay_gives_every_scaled_group_the_plain_nets_decay_per_step():
     blocks = lr_divisors(net, cfg, (1.0, 0.25, 0.5))
     groups = param_groups(net, 5e-4, 0.3, blocks, keep_decay=True)
     assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.1, 0.15, 0.15, 0.3, 0.3])
-    assert [g["weight_decay"] for g in groups] == pytest.approx([1.5e-3, 0.0, 1e-3, 0.0, 5e-4, 0.0])
+    decays = [1.5e-3, 0.0, 1e-3, 0.0, 5e-4, 0.0]
+    assert [g["weight_decay"] for g in groups] == pytest.approx(decays)
     assert [g["lr"] * g["weight_decay"] for g in groups if g["weight_decay"]] == pytest.approx([1.5e-4] * 3)
     # one SGD step on a zero gradient shrinks every decayed weight by lr * wd = 1.5e-4, whatever its group
     w = net.stages[1][0].conv1.weight
@@ -194,7 +195,7 @@ def test_keep_decay_gives_every_scaled_group_the_plain_nets_decay_per_step():
     opt.step()
     assert torch.allclose(w.detach(), before * (1 - 1.5e-4))
     built = build_optimizer(net, cfg, (1.0, 0.25, 0.5)).param_groups  # the option reaches the optimizer
-    assert [g["weight_decay"] for g in built] == pytest.approx([1.5e-3, 0.0, 1e-3, 0.0, 5e-4, 0.0])
+    assert [g["weight_decay"] for g in built] == pytest.approx(decays)
     with pytest.raises(ValueError, match="keep_decay"):
         load_config(None, ["--optim.keep_decay=3"])
 
