@@ -35,6 +35,7 @@ MODEL_NAMES = (  # dist_coop.models.registry.MODELS
 KEEP_MODES = ("prefix", "spread")  # dist_coop.models.masks
 GATE_MODES = ("learned", "none")  # dist_coop.models.adaptive
 BN_MODES = ("shared", "private")  # dist_coop.models.norm
+HEAD_MODES = ("shared", "private")  # dist_coop.models.head
 TASKS = ("cooperative", "independent")  # dist_coop.coop.task
 DATASETS = ("fashion_mnist",)  # dist_coop.data
 
@@ -84,6 +85,7 @@ class ModelConfig:
     bn: str = "shared"  # shared (per-depth statistics) | private (switchable BN)
     zero_init: bool = False  # skippable blocks start as the identity (last BN of the branch zeroed)
     head_norm: bool = True  # BN (per-depth statistics) on the pooled features before the shared classifier
+    head: str = "shared"  # shared classifier | private: each depth of a Teammate its own (the Leader: shared)
     # compute what several depths compute alike (stem, common blocks) once per step; exact, see
     # AdaptiveNet.branch_starts (it applies in training with bn: shared); false = every depth its whole forward
     share_prefix: bool = True
@@ -98,6 +100,7 @@ class ModelConfig:
         _choice("model", "keep", self.keep, KEEP_MODES)
         _choice("model", "gate", self.gate, GATE_MODES)
         _choice("model", "bn", self.bn, BN_MODES)
+        _choice("model", "head", self.head, HEAD_MODES)
         for name in ("in_channels", "num_classes"):
             _positive("model", name, getattr(self, name))
         for name in ("width", "leader_width"):
@@ -306,6 +309,12 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        if self.model.head == "private" and (self.coop.task != "cooperative" or not self.coop.sub_nets):
+            raise ValueError(
+                "model.head: private gives each trained depth its own classifier; a net that trains one depth "
+                "(coop.task: independent, coop.sub_nets: false) would be read at the other depths through untrained "
+                "rows: use model.head: shared"
+            )
         if self.zero3 and self.train.backward == "parts":
             raise ValueError(
                 "train.backward: parts needs DeepSpeed ZeRO stage 0-2 (ZeRO-3 cannot accumulate several backward "

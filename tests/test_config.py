@@ -4,6 +4,8 @@ import typing
 import pytest
 
 from dist_coop.config import SECTIONS, Config, config_from_dict, load_config, parse_overrides, save_config
+from dist_coop.models import DepthLinear
+from dist_coop.models.registry import build_from_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -39,6 +41,7 @@ def test_yaml_file_and_cli_override(tmp_path):
         ("--optim.amp=fp8", r"optim\.amp must be one of"),
         ("--coop.teammates=3", r"coop\.teammates must be one of \[1, 2\]"),
         ("--model.bn=group", r"model\.bn must be one of"),
+        ("--model.head=per_depth", r"model\.head must be one of \['shared', 'private'\]"),
         ("--coop.scaling_factors=oops", r"coop\.scaling_factors must be a list of float"),
         ("--optim.lr=inf", r"optim\.lr must be finite, got inf"),
         ("--coop.scaling_factors=[.nan, 1.0]", r"coop\.scaling_factors must be finite, got nan"),
@@ -54,6 +57,17 @@ def test_beta_needs_leader():
     with pytest.raises(ValueError, match="coop.beta > 0 needs coop.leader"):
         load_config(None, ["--coop.leader=false"])
     assert load_config(None, ["--coop.leader=false", "--coop.beta=0"]).coop.leader is False
+
+
+def test_private_head_needs_nets_that_train_every_depth():
+    """A net trained at one depth would be read at the others through untrained classifier rows."""
+    for flag in ("--coop.task=independent", "--coop.sub_nets=false"):
+        with pytest.raises(ValueError, match="model.head: private gives each trained depth its own classifier"):
+            load_config(None, ["--model.head=private", flag])
+    cfg = load_config(None, ["--model.head=private"])
+    teammate = build_from_config(cfg.model, cfg.coop.scaling_factors)
+    leader = build_from_config(cfg.model, cfg.coop.scaling_factors, leader=True)  # trains its full depth only
+    assert isinstance(teammate.backbone.fc, DepthLinear) and not isinstance(leader.backbone.fc, DepthLinear)
 
 
 def test_yaml_is_plain_data(tmp_path):

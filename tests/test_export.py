@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from dist_coop.infer.export import export, kept_blocks, static_subnet
-from dist_coop.models import DepthBatchNorm2d, build_model
+from dist_coop.models import DepthBatchNorm2d, DepthLinear, build_model
 from dist_coop.models.resnet import ResNet, cifar_resnet
 
 
-def _trained_like(keep="prefix", bn="shared", head_norm=False):
+def _trained_like(keep="prefix", bn="shared", head_norm=False, head="shared"):
     torch.manual_seed(0)
-    net = build_model("resnet32", [0.25, 0.5, 1.0], width=4, in_channels=1, keep=keep, bn=bn, head_norm=head_norm)
+    net = build_model(
+        "resnet32", [0.25, 0.5, 1.0], width=4, in_channels=1, keep=keep, bn=bn, head_norm=head_norm, head=head
+    )
     net.train()
     for s in net.scaling_factors:  # give every depth its own statistics and gates their own values
         net.set_depth(s)
@@ -22,16 +24,26 @@ def _trained_like(keep="prefix", bn="shared", head_norm=False):
         for m in net.modules():
             if isinstance(m, DepthBatchNorm2d) and m.gate is not None:
                 m.gate.fill_(0.7)
+        if head == "private":  # every depth's classifier its own values
+            net.backbone.fc.weight.add_(torch.randn_like(net.backbone.fc.weight))
     return net.eval()
 
 
-@pytest.mark.parametrize("keep, bn, head_norm", [("prefix", "shared", True), ("spread", "private", False)])
-def test_static_subnet_equals_adaptive_net(keep, bn, head_norm):
-    net = _trained_like(keep, bn, head_norm)
+@pytest.mark.parametrize(
+    "keep, bn, head_norm, head",
+    [
+        ("prefix", "shared", True, "shared"),
+        ("spread", "private", False, "shared"),
+        ("prefix", "shared", True, "private"),
+    ],
+)
+def test_static_subnet_equals_adaptive_net(keep, bn, head_norm, head):
+    net = _trained_like(keep, bn, head_norm, head)
     x = torch.randn(3, 1, 20, 20)
     for s in net.scaling_factors:
         static = static_subnet(net, s)
-        assert not any(isinstance(m, DepthBatchNorm2d) for m in static.modules())
+        assert not any(isinstance(m, (DepthBatchNorm2d, DepthLinear)) for m in static.modules())
+        assert isinstance(static.fc, torch.nn.Linear)
         assert sum(len(getattr(static, n)) for n in net.stage_names) == net.num_blocks(s)
         with torch.no_grad(), net.at_depth(s):
             torch.testing.assert_close(static(x), net(x), rtol=1e-5, atol=1e-5)

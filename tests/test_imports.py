@@ -15,6 +15,7 @@ from pathlib import Path
 from dist_coop import config
 from dist_coop.coop.task import TASKS
 from dist_coop.models.adaptive import GATE_MODES
+from dist_coop.models.head import HEAD_MODES
 from dist_coop.models.masks import KEEP_MODES
 from dist_coop.models.norm import BN_MODES
 from dist_coop.models.registry import MODELS
@@ -100,6 +101,7 @@ def test_the_choices_in_config_are_what_the_modules_accept():
     assert config.KEEP_MODES == KEEP_MODES
     assert config.GATE_MODES == GATE_MODES
     assert config.BN_MODES == BN_MODES
+    assert config.HEAD_MODES == HEAD_MODES
     assert set(config.TASKS) == set(TASKS)
 
 

@@ -3,7 +3,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_coop.infer.cost import active_params, depth_costs
-from dist_coop.models import MODELS, DepthBatchNorm2d, build_model, recalibrate_bn
+from dist_coop.models import MODELS, DepthBatchNorm2d, DepthLinear, build_model, recalibrate_bn
 from dist_coop.models.masks import num_kept
 
 FACTORS = {"resnet20": (0.25, 0.5, 1.0), "resnet18_64": (0.5, 1.0)}
@@ -175,6 +175,9 @@ def test_costs_fall_with_depth():
     assert params == sorted(params)
     assert params[-1] == sum(p.numel() for p in net.parameters())
     assert active_params(net, 0.25) == params[0]
+    private = build_model("resnet56", [0.25, 0.5, 0.75, 1.0], width=4, head="private")
+    assert active_params(private, 0.25) == params[0]  # one classifier row read per depth
+    assert sum(p.numel() for p in private.parameters()) == params[-1] + 3 * (16 * 10 + 10)
 
 
 @pytest.mark.skipif(not _torchvision_ok(), reason="torchvision does not import here")
@@ -198,3 +201,42 @@ def test_torchvision_wrapper_is_the_same_net_at_full_depth():
         torch.testing.assert_close(net(x), plain(x))
         net.set_depth(0.5)
         assert not torch.allclose(net(x), plain(x))
+
+
+def test_private_head_starts_as_the_shared_one_and_trains_one_row_per_depth():
+    """model.head: private: at init every depth computes what the shared classifier computes; a depth's loss
+    reaches its own row only, and each row trains at the full LR under optim.lr_scale (one depth runs it)."""
+    nets = {}
+    for head in ("shared", "private"):
+        torch.manual_seed(0)
+        nets[head] = build_model("resnet32", [0.25, 0.5, 1.0], width=4, in_channels=1, head=head)
+    shared, private = nets["shared"], nets["private"]
+    fc = private.backbone.fc
+    assert isinstance(fc, DepthLinear) and fc.weight.shape == (3, 10, 16) and fc.bias.shape == (3, 10)
+    x = torch.randn(4, 1, 16, 16)
+    for s in (0.25, 0.5, 1.0):
+        with shared.at_depth(s), private.at_depth(s):
+            torch.testing.assert_close(private(x), shared(x))
+    with private.at_depth(0.5):
+        private(x).sum().backward()
+    assert fc.weight.grad[1].abs().sum() > 0 and fc.bias.grad[1].abs().sum() > 0
+    assert fc.weight.grad[[0, 2]].abs().sum() == 0 and fc.bias.grad[[0, 2]].abs().sum() == 0
+    with torch.no_grad():  # a row of its own: changing depth 0.25's row leaves depth 1.0's output as it was
+        before = private(x)
+        fc.weight[0].add_(1.0)
+        torch.testing.assert_close(private(x), before)
+    runs = private.runs_per_parameter(dict.fromkeys(private.scaling_factors, 1.0))
+    assert runs[id(fc.weight)] == runs[id(fc.bias)] == 1.0
+    assert id(shared.backbone.fc.weight) not in shared.runs_per_parameter(dict.fromkeys(shared.scaling_factors, 1.0))
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_model("resnet32", [0.25, 1.0], width=4, in_channels=1, head="per_depth")
+
+
+def test_private_bn_rows_train_at_the_full_lr_under_lr_scale():
+    """Each row of a private BN affine gets one depth's gradient, so lr_scale does not divide its LR."""
+    net = build_model("resnet32", [0.25, 0.5, 1.0], width=4, in_channels=1, bn="private")
+    runs = net.runs_per_parameter(dict.fromkeys(net.scaling_factors, 1.0))
+    block = net.stages[0][0]  # runs at every depth: its convolution at lr / 3, its private BN rows at lr
+    assert runs[id(block.conv1.weight)] == 3.0
+    assert runs[id(block.bn1.weight)] == runs[id(block.bn1.bias)] == 1.0
+    assert len(net.per_depth_parameters()) == 2 * len(net._norms)

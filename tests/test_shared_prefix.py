@@ -48,10 +48,18 @@ def test_branch_starts_of_resnet32_prefix_and_spread():
     assert branch_starts(prefix, (0.5,)) == {0.5: -1}  # one depth shares nothing
 
 
-@pytest.mark.parametrize("keep, gate", [("prefix", "learned"), ("prefix", "none"), ("spread", "learned")])
-def test_shared_path_equals_naive_losses_gradients_and_bn_buffers(keep, gate):
+@pytest.mark.parametrize(
+    "keep, gate, head",
+    [
+        ("prefix", "learned", "shared"),
+        ("prefix", "none", "shared"),
+        ("spread", "learned", "shared"),
+        ("prefix", "learned", "private"),
+    ],
+)
+def test_shared_path_equals_naive_losses_gradients_and_bn_buffers(keep, gate, head):
     """float64: logits and losses bit for bit, every BN buffer bit for bit, every gradient to rounding."""
-    naive, shared = _nets(keep=keep, gate=gate)
+    naive, shared = _nets(keep=keep, gate=gate, head=head)
     assert naive.branch_starts(FACTORS) == dict.fromkeys(FACTORS, -1)
     assert min(shared.branch_starts(FACTORS).values()) >= 1
     x, y = torch.randn(6, 1, 12, 12, dtype=torch.float64), torch.randint(0, 5, (6,))

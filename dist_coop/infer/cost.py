@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_coop.models.adaptive import AdaptiveNet
+from dist_coop.models.head import DepthLinear
 from dist_coop.models.norm import DepthBatchNorm2d
 
 
@@ -28,7 +29,7 @@ def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def active_params(net: AdaptiveNet, s: float) -> int:
-    """Parameters read by depth ``s``: skipped blocks excluded, private BN counted for one depth.
+    """Parameters read by depth ``s``: skipped blocks excluded, private BN and a private classifier counted for one depth.
 
     ``net`` holds its whole parameters (not a ZeRO-3 partition: the trainer measures costs on a plain copy).
     """
@@ -42,7 +43,8 @@ def active_params(net: AdaptiveNet, s: float) -> int:
         for p in module.parameters(recurse=False):
             if id(p) in skipped:
                 continue
-            rows = p.shape[0] if isinstance(module, DepthBatchNorm2d) and p.dim() == 2 else 1
+            per_depth = (isinstance(module, DepthBatchNorm2d) and p.dim() == 2) or isinstance(module, DepthLinear)
+            rows = p.shape[0] if per_depth else 1
             total += p.numel() // rows
     return total
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dist_coop.models.adaptive import AdaptiveNet, DepthStage
+from dist_coop.models.head import DepthLinear
 from dist_coop.models.norm import DepthBatchNorm2d
 
 FORMATS = ("pt2", "onnx", "state_dict", "torchscript")
@@ -44,6 +45,8 @@ def _bake(module: nn.Module, index: int) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, DepthBatchNorm2d):
             setattr(module, name, _plain_bn(child, index))
+        elif isinstance(child, DepthLinear):
+            setattr(module, name, child.row(index))
         else:
             _bake(child, index)
 

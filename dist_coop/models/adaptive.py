@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from dist_coop.models.head import HEAD_MODES, DepthLinear
 from dist_coop.models.masks import Mask, branch_starts, depth_masks, mask_blocks
 from dist_coop.models.norm import DepthBatchNorm2d, convert_batchnorm
 
@@ -82,10 +83,13 @@ class AdaptiveNet(nn.Module):
         bn: str = "shared",
         zero_init: bool = False,
         share_prefix: bool = True,
+        head: str = "shared",
     ) -> None:
         super().__init__()
         if gate not in GATE_MODES:
             raise ValueError(f"gate must be one of {list(GATE_MODES)}, got {gate!r}")
+        if head not in HEAD_MODES:
+            raise ValueError(f"head must be one of {list(HEAD_MODES)}, got {head!r}")
         if 1.0 not in scaling_factors:
             raise ValueError(f"scaling_factors must include 1.0 (the full net), got {list(scaling_factors)}")
         self.backbone = backbone
@@ -103,6 +107,16 @@ class AdaptiveNet(nn.Module):
         self.masks: dict[float, Mask] = depth_masks(self.stage_sizes, self.scaling_factors, keep)
         convert_batchnorm(backbone, len(self.scaling_factors), mode=bn, gated=gated)
         self._norms = [m for m in self.modules() if isinstance(m, DepthBatchNorm2d)]
+        self.head_mode = head
+        if head == "private":  # each depth its own classifier (models.head)
+            if not isinstance(getattr(backbone, "fc", None), nn.Linear):
+                raise ValueError("head: private needs a backbone whose classifier is an nn.Linear named fc")
+            backbone.fc = DepthLinear.from_linear(backbone.fc, len(self.scaling_factors))
+        # what set_depth points at the active depth's row: the norms and a private classifier
+        self._per_depth: list[DepthBatchNorm2d | DepthLinear] = [
+            *self._norms,
+            *[m for m in self.modules() if isinstance(m, DepthLinear)],
+        ]
         self.bn, self.share_prefix = bn, share_prefix
         # every block in order, stage by stage (position p of masks.branch_starts), its BNs, each depth's flat mask
         self._blocks = [block for stage in self.stages for block in stage]
@@ -120,13 +134,21 @@ class AdaptiveNet(nn.Module):
 
     def runs_per_parameter(self, weights: Mapping[float, float]) -> dict[int, float]:
         """``id(p) ->`` the summed ``weights`` (depth -> weight; all 1: how many of the depths) of the depths
-        that run p, for the parameters of the blocks (the stem and the head run at every depth and are left
-        out)."""
+        that run p, for the parameters of the blocks (the stem and a shared head run at every depth and are left
+        out), and 1 for a parameter with one row per depth (``per_depth_parameters``)."""
         out = {}
         for position, block in enumerate(self._blocks):
             runs = sum(w for s, w in weights.items() if self._flat_masks[s][position])
             out.update({id(p): runs for p in block.parameters()})
+        for p in self.per_depth_parameters():  # one row per depth: each row gets one depth's gradient
+            out[id(p)] = 1.0
         return out
+
+    def per_depth_parameters(self) -> list[nn.Parameter]:
+        """Parameters with one row per depth (private BN affine, a private classifier): depth s reads row s only."""
+        return [
+            p for m in self._per_depth if isinstance(m, DepthLinear) or m.mode == "private" for p in (m.weight, m.bias)
+        ]
 
     @property
     def stages(self) -> list[DepthStage]:
@@ -172,8 +194,8 @@ class AdaptiveNet(nn.Module):
         for stage, stage_mask in zip(self.stages, self.masks[s]):
             stage.mask = stage_mask
         index = self.scaling_factors.index(s)
-        for norm in self._norms:
-            norm.depth_index = index
+        for module in self._per_depth:
+            module.depth_index = index
         self._depth = s
 
     @contextmanager

@@ -90,6 +90,7 @@ def build_model(
     zero_init: bool = False,
     head_norm: bool = False,
     share_prefix: bool = True,
+    head: str = "shared",
 ) -> AdaptiveNet:
     """A depth-adaptive net of registered backbone ``name``."""
     backbone, stages = build_backbone(
@@ -104,6 +105,7 @@ def build_model(
         bn=bn,
         zero_init=zero_init,
         share_prefix=share_prefix,
+        head=head,
     )
 
 
@@ -122,4 +124,5 @@ def build_from_config(cfg: ModelConfig, scaling_factors: Sequence[float], *, lea
         zero_init=cfg.zero_init,
         head_norm=cfg.head_norm,
         share_prefix=cfg.share_prefix,
+        head="shared" if leader else cfg.head,  # the Leader trains its full depth only
     )
