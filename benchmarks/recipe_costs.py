@@ -61,7 +61,7 @@ def training_pflops(cfg: Config, side: int, images: int, cache: dict[bool, dict[
     per_image = 0.0
     for spec in build_task(cfg.coop).specs:
         if spec.leader not in cache:
-            net = build_from_config(cfg.model, cfg.coop.scaling_factors, leader=spec.leader)
+            net = spec.build(cfg.model, cfg.coop.scaling_factors)
             cache[spec.leader] = depth_costs(net, (cfg.model.in_channels, side, side))
         per_image += sum(cache[spec.leader][s].gflops for s in spec.trained_depths) * 1e9
     return 3 * per_image * images * cfg.train.epochs / 1e15

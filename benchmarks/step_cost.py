@@ -119,7 +119,7 @@ def build_step(cfg, variant, x: torch.Tensor, y: torch.Tensor, device: torch.dev
         torch.manual_seed(i)
         if only is not None and spec.name != only:
             continue
-        net = build_from_config(cfg.model, cfg.coop.scaling_factors, leader=spec.leader).to(device).train()
+        net = spec.build(cfg.model, cfg.coop.scaling_factors).to(device).train()
         engines[spec.name] = TorchEngine(net, cfg.optim, 10**6)
     # the split placement: the other nets' soft targets arrive by all-gather (B x C floats each)
     peers = {spec.name: torch.randn(len(y), cfg.model.num_classes, device=device) for spec in task.specs}

@@ -85,7 +85,7 @@ class ModelConfig:
     bn: str = "shared"  # shared (per-depth statistics) | private (switchable BN)
     zero_init: bool = False  # skippable blocks start as the identity (last BN of the branch zeroed)
     head_norm: bool = True  # BN (per-depth statistics) on the pooled features before the shared classifier
-    head: str = "shared"  # shared classifier | private: each depth of a Teammate its own (the Leader: shared)
+    head: str = "shared"  # shared classifier | private: each trained depth its own (nets trained at one depth: shared)
     # compute what several depths compute alike (stem, common blocks) once per step; exact, see
     # AdaptiveNet.branch_starts (it applies in training with bn: shared); false = every depth its whole forward
     share_prefix: bool = True
@@ -309,12 +309,6 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        if self.model.head == "private" and (self.coop.task != "cooperative" or not self.coop.sub_nets):
-            raise ValueError(
-                "model.head: private gives each trained depth its own classifier; a net that trains one depth "
-                "(coop.task: independent, coop.sub_nets: false) would be read at the other depths through untrained "
-                "rows: use model.head: shared"
-            )
         if self.zero3 and self.train.backward == "parts":
             raise ValueError(
                 "train.backward: parts needs DeepSpeed ZeRO stage 0-2 (ZeRO-3 cannot accumulate several backward "

@@ -15,7 +15,6 @@ from dist_coop.coop.task import NetSpec
 from dist_coop.distributed.comm import gather_to_main
 from dist_coop.evaluate import results_table
 from dist_coop.infer.cost import cost_metrics
-from dist_coop.models.registry import build_from_config
 from dist_coop.run import CONFIG, PLOT, latest_checkpoint, write_results
 from dist_coop.track.plots import plot_accuracy_vs_flops
 from dist_coop.trainer import Trainer
@@ -39,7 +38,7 @@ def costs_of(model: ModelConfig, scaling_factors: Sequence[float], spec: NetSpec
     weights change neither FLOPs nor parameter counts, and the trained module may sit on a GPU or be
     partitioned by ZeRO-3. The global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        net = build_from_config(model, scaling_factors, leader=spec.leader)
+        net = spec.build(model, scaling_factors)
     return cost_metrics(spec.metric, net, input_shape)
 
 

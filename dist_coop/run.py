@@ -36,7 +36,6 @@ from dist_coop.config import Config, TrainConfig, check_device, config_from_dict
 from dist_coop.coop.task import NetSpec, build_task
 from dist_coop.distributed.env import ignore_deepspeed_deprecations
 from dist_coop.models.adaptive import AdaptiveNet
-from dist_coop.models.registry import build_from_config
 
 CONFIG, CHECKPOINTS, LATEST, TRAINER_STATE = "config.yaml", "checkpoints", "latest", "trainer.pt"
 RESULTS_JSON, RESULTS_TXT, PLOT = "results.json", "results.txt", "accuracy_vs_gflops.png"
@@ -278,7 +277,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", nets: Sequenc
     with torch.random.fork_rng(devices=[]):
         for spec in specs:
             if nets is None or spec.name in nets:
-                net = build_from_config(cfg.model, cfg.coop.scaling_factors, leader=spec.leader)
+                net = spec.build(cfg.model, cfg.coop.scaling_factors)
                 net.load_state_dict(net_state_dict(checkpoint, spec.name, cfg.dist.engine))
                 loaded[spec.name] = net.to(device).eval()
     inputs = state.inputs

@@ -28,7 +28,6 @@ from dist_coop.distributed.placement import check_engine_support, plan_placement
 from dist_coop.evaluate import evaluate_sums, selected_depths, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
-from dist_coop.models.registry import build_from_config
 from dist_coop.preempt import Preempted
 from dist_coop.protocols import Engine
 from dist_coop.run import Inputs, TrainerState, checkpoint_dir, latest_checkpoint, mark_latest
@@ -136,7 +135,7 @@ class Trainer:
 
     def _engine(self, index: int, spec: NetSpec) -> Engine:
         torch.manual_seed(self.cfg.train.seed * 1000 + index)  # same init whatever the placement
-        net = build_from_config(self.cfg.model, self.cfg.coop.scaling_factors, leader=spec.leader).to(self.device)
+        net = spec.build(self.cfg.model, self.cfg.coop.scaling_factors).to(self.device)
         if self.cfg.train.channels_last:
             net = net.to(memory_format=torch.channels_last)
         if self.cfg.train.compile != "none":

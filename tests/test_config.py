@@ -4,6 +4,7 @@ import typing
 import pytest
 
 from dist_coop.config import SECTIONS, Config, config_from_dict, load_config, parse_overrides, save_config
+from dist_coop.coop.task import build_task
 from dist_coop.models import DepthLinear
 from dist_coop.models.registry import build_from_config
 
@@ -59,15 +60,23 @@ def test_beta_needs_leader():
     assert load_config(None, ["--coop.leader=false", "--coop.beta=0"]).coop.leader is False
 
 
-def test_private_head_needs_nets_that_train_every_depth():
-    """A net trained at one depth would be read at the others through untrained classifier rows."""
-    for flag in ("--coop.task=independent", "--coop.sub_nets=false"):
-        with pytest.raises(ValueError, match="model.head: private gives each trained depth its own classifier"):
-            load_config(None, ["--model.head=private", flag])
-    cfg = load_config(None, ["--model.head=private"])
-    teammate = build_from_config(cfg.model, cfg.coop.scaling_factors)
-    leader = build_from_config(cfg.model, cfg.coop.scaling_factors, leader=True)  # trains its full depth only
-    assert isinstance(teammate.backbone.fc, DepthLinear) and not isinstance(leader.backbone.fc, DepthLinear)
+def test_private_head_goes_to_the_nets_that_train_several_depths():
+    """model.head: private: a Teammate with sub-nets gets one classifier per depth; a net trained at one depth (the
+    Leader, a net trained alone, a full-only Teammate) keeps one, or its other depths would read untrained rows."""
+
+    def heads(*overrides):
+        cfg = load_config(None, ["--model.head=private", *overrides])
+        specs = build_task(cfg.coop).specs
+        return {
+            spec.name: isinstance(spec.build(cfg.model, cfg.coop.scaling_factors).backbone.fc, DepthLinear)
+            for spec in specs
+        }
+
+    assert heads() == {"leader": False, "teammate_a": True, "teammate_b": True}
+    assert not any(heads("--coop.sub_nets=false").values())
+    assert not any(heads("--coop.task=independent").values()) and len(heads("--coop.task=independent")) == 4
+    cfg = load_config(None, [])  # the default: one classifier
+    assert not isinstance(build_from_config(cfg.model, cfg.coop.scaling_factors).backbone.fc, DepthLinear)
 
 
 def test_yaml_is_plain_data(tmp_path):

@@ -13,16 +13,17 @@ full-depth terms, each sub-net's terms) instead of returning the terms for one s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from dist_coop.config import CoopConfig
+from dist_coop.config import CoopConfig, ModelConfig
 from dist_coop.coop.forward import DepthForward
 from dist_coop.coop.losses import cross_entropy, gate_penalty, kd_loss, kd_ramp, sfsl_weights
 from dist_coop.models.adaptive import AdaptiveNet
+from dist_coop.models.registry import build_from_config
 
 LEADER, TEAMMATE_A, TEAMMATE_B = "leader", "teammate_a", "teammate_b"
 Exchange = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
@@ -44,6 +45,10 @@ class NetSpec:
     role: str = ""  # metric name prefix; "" = name
     trained_depths: tuple[float, ...] = (1.0,)  # depths with a loss term (others are only truncated)
     depth_weights: tuple[float, ...] = ()  # their loss weights (SFSL w(s) of the sub-nets, 1 at full depth); () = all 1
+
+    def build(self, model: ModelConfig, scaling_factors: Sequence[float]) -> AdaptiveNet:
+        """This net, built from ``model`` (the Leader's backbone and width for the Leader)."""
+        return build_from_config(model, scaling_factors, leader=self.leader, trained=self.trained_depths)
 
     def trained_weights(self) -> dict[float, float]:
         """``depth -> loss weight`` of the trained depths (``optim.lr_scale: weighted`` reads it)."""

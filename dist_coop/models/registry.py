@@ -109,7 +109,16 @@ def build_model(
     )
 
 
-def build_from_config(cfg: ModelConfig, scaling_factors: Sequence[float], *, leader: bool = False) -> AdaptiveNet:
+def build_from_config(
+    cfg: ModelConfig,
+    scaling_factors: Sequence[float],
+    *,
+    leader: bool = False,
+    trained: Sequence[float] | None = None,
+) -> AdaptiveNet:
+    """The net of ``cfg`` (the Leader's backbone and width with ``leader``). ``trained``: the depths with a loss
+    term (None: every depth); ``model.head: private`` applies to a net that trains two or more of them, and a net
+    trained at one depth (the Leader, a net trained alone, a full-only Teammate) keeps one classifier for all."""
     name = (cfg.leader_name or cfg.name) if leader else cfg.name
     width = (cfg.leader_width or cfg.width) if leader else cfg.width
     return build_model(
@@ -124,5 +133,5 @@ def build_from_config(cfg: ModelConfig, scaling_factors: Sequence[float], *, lea
         zero_init=cfg.zero_init,
         head_norm=cfg.head_norm,
         share_prefix=cfg.share_prefix,
-        head="shared" if leader else cfg.head,  # the Leader trains its full depth only
+        head=cfg.head if len(scaling_factors if trained is None else trained) > 1 else "shared",
     )
