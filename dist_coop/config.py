@@ -202,7 +202,8 @@ class OptimConfig:
     clip_scale: str = "terms"  # terms: grad_clip * the net's number of loss terms (same safety net per role) | none
     # a net that trains several depths sums a loss per depth on shared weights (SGD; optim.lr_divisors):
     # depths = its LR / the number of depths | blocks = each parameter's LR / the depths that run it
-    # | weighted = blocks with each depth counted by its loss weight (SFSL w(s), 1 at full depth) | none
+    # | weighted = blocks with each depth counted by its loss weight (SFSL w(s), 1 at full depth)
+    # | blocks_sqrt = each parameter's LR / sqrt(the depths that run it) | none
     lr_scale: str = "blocks"
     keep_decay: bool = False  # with lr_scale, weight decay x the LR divisor: a shared weight decays as a plain net's
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
@@ -213,7 +214,7 @@ class OptimConfig:
         _choice("optim", "schedule", self.schedule, ("cosine", "step", "constant"))
         _choice("optim", "amp", self.amp, ("none", "bf16", "fp16", "auto"))
         _choice("optim", "clip_scale", self.clip_scale, ("none", "terms"))
-        _choice("optim", "lr_scale", self.lr_scale, ("none", "depths", "blocks", "weighted"))
+        _choice("optim", "lr_scale", self.lr_scale, ("none", "depths", "blocks", "weighted", "blocks_sqrt"))
         _positive("optim", "lr", self.lr)
         for name in ("momentum", "weight_decay", "warmup_steps", "grad_clip", "step_gamma"):
             _positive("optim", name, getattr(self, name), allow_zero=True)

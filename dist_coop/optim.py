@@ -60,6 +60,9 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
     * ``weighted``: as ``blocks``, counting each depth by its loss weight (``depths`` as a
       mapping depth -> weight: the SFSL weights w(s) of the sub-nets, 1 for the full depth), so a block
       that only lightly weighted depths run is not slowed by the weighting (with gamma 0: ``blocks``).
+    * ``blocks_sqrt``: ``lr / sqrt(d)`` with d as for ``blocks``. The summed gradient of d depths that do not
+      agree is about sqrt(d) times one depth's in norm (d times when they agree), so ``blocks`` steps each
+      depth's part d times more slowly than a plain net; this keeps a plain net's step norm for unaligned depths.
     * ``none``, one depth (the Leader, an independent net) or AdamW (its step does not grow with the
       gradient's scale): {}.
 
@@ -76,6 +79,8 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
     divisors = {id(p): sum(weights.values()) for p in net.parameters()}
     if cfg.lr_scale != "depths":
         divisors.update(net.runs_per_parameter(weights))
+    if cfg.lr_scale == "blocks_sqrt":
+        divisors = {k: math.sqrt(d) for k, d in divisors.items()}
     return divisors
 
 

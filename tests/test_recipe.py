@@ -150,6 +150,9 @@ def test_lr_divisors_by_depths_and_by_blocks():
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] * 3
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
     assert lr_divisors(net, cfg.optim, (1.0,)) == {}  # the Leader, an independent net
+    root = lr_divisors(net, load_config(None, ["--optim.lr_scale=blocks_sqrt"]).optim, depths)
+    assert root.keys() == blocks.keys() and all(root[k] == pytest.approx(blocks[k] ** 0.5) for k in blocks)
+    assert root[id(stage[0].conv1.weight)] == pytest.approx(3**0.5) and root[id(stage[2].conv1.weight)] == 1.0
     assert lr_divisors(net, load_config(None, ["--optim.lr_scale=none"]).optim, depths) == {}
     assert lr_divisors(net, load_config(None, ["--optim.name=adamw"]).optim, depths) == {}  # Adam: scale-free step
     with pytest.raises(ValueError, match="lr_scale"):
