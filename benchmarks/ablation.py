@@ -2,12 +2,16 @@
 
     python benchmarks/ablation.py run --spec configs/ablation/ladder.yaml --jobs 2 [--only ctf,sfsl] [--set train.epochs=1]
     python benchmarks/ablation.py report --spec configs/ablation/ladder.yaml
+    python benchmarks/ablation.py adopt --spec configs/ablation/ladder.yaml --from ctf_x --to ctf
 
 `run` trains each (row, seed) pair that has no per-run JSON yet (`docs/results/runs/<name>_s<seed>.json`, written
 atomically after the run succeeds, so a killed or crashed run is simply retried), keeps only that JSON (the run's
 checkpoints are deleted) and ends with `report`. `report` turns the per-run JSON into `docs/results/ladder.json`,
 `docs/results/ladder.png` and `docs/RESULTS.md`. The spec (plain YAML) is data: the schedule applied to every run,
 the seeds, the rung configs and the recipe variants; see configs/ablation/ladder.yaml.
+`adopt` moves the records of one row to another when a default changed and the two now train the same experiment
+(a variant that became the default becomes the rung; the rung's old runs become a variant pinning the old value):
+each record's own command, resolved with the code as it is, must equal the target row's, or nothing is moved.
 """
 
 from __future__ import annotations
@@ -257,6 +261,61 @@ def stale(jobs: Sequence[Job], results_dir: str | Path) -> list[str]:
     return out
 
 
+RUN_FLAGS = ("train.seed", "train.run_name", "train.out_dir", "tracking.backend", "train.progress", "train.threads")
+
+
+def resolved(config: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """What a command trains under the code as it is now: its resolved config less each run's own flags
+    (seed, names, folders, threads; the seed is compared separately)."""
+    from dist_coop.config import load_config  # the one import of the package: the sweep itself only starts runs
+
+    def flag(o: str) -> str:
+        return o.split("=", 1)[0].removeprefix("--")
+
+    out = load_config(config, [o for o in overrides if flag(o) not in RUN_FLAGS]).to_dict()
+    for key in RUN_FLAGS:
+        section, name = key.split(".")
+        out[section].pop(name, None)
+    return out
+
+
+def adopt(spec: Spec, results_dir: str | Path, source: str, target: str) -> list[str]:
+    """Move the records ``<source>_s<seed>.json`` to row ``target`` (its name, rung, config and settings; the
+    record keeps its numbers and notes ``adopted_from``). Every record must train, under the code as it is, what
+    ``target``'s command for its seed trains, and ``target`` must have no record for that seed: else nothing moves."""
+    names = [r.name for r in spec.rows]
+    if target not in names:
+        raise ValueError(f"--to: no rung or variant {target!r}{_nearest(target, names)}")
+    row = spec.row(target)
+    paths = sorted(Path(results_dir).glob(f"{source}_s*.json"))
+    paths = [p for p in paths if p.stem.removeprefix(f"{source}_s").isdigit()]
+    if not paths:
+        raise ValueError(f"--from: no records {source}_s<seed>.json in {results_dir}")
+    moves = []
+    for path in paths:
+        rec = json.loads(path.read_text())
+        seed = rec["seed"]
+        if seed not in row.seeds:
+            raise ValueError(f"{path.name}: seed {seed} is not one of {target}'s seeds {list(row.seeds)}")
+        job = Job(row.name, row.rung, seed, row.config, {**spec.schedule, **row.overrides})
+        want = resolved(job.config, [f"--{k}={_cli_value(v)}" for k, v in job.settings.items()])
+        have = resolved(rec["config"], rec["overrides"])
+        if want != have:
+            diff = [f"{s}.{k}: {have[s].get(k)!r} (record) vs {want[s].get(k)!r} ({target})"
+                    for s in want for k in sorted(set(want[s]) | set(have.get(s, {}))) if want[s].get(k) != have.get(s, {}).get(k)]  # fmt: skip
+            raise ValueError(f"{path.name} trained another experiment than {target}: {'; '.join(diff)}")
+        dest = record_path(results_dir, job)
+        if dest.exists():
+            raise ValueError(f"{dest.name} exists: adopt {target}'s records into another row first")
+        adopted = [*rec.get("adopted_from", []), rec["name"]]
+        moves.append((path, dest, {**rec, "name": row.name, "rung": row.rung, "config": job.config,
+                                   "settings": job.settings, "adopted_from": adopted}))  # fmt: skip
+    for path, dest, rec in moves:
+        write_json(dest, rec)
+        path.unlink()
+    return [dest.name for _, dest, _ in moves]
+
+
 # ---------------------------------------------------------------------------------------------- records
 
 
@@ -459,7 +518,7 @@ def cmd_run(args: argparse.Namespace, spec: Spec, generated_by: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "report"):
+    for name in ("run", "report", "adopt"):
         p = sub.add_parser(name)
         p.add_argument("--spec", required=True, help="sweep spec YAML (configs/ablation/ladder.yaml)")
         p.add_argument("--results", "--out", default=None, help="per-run JSON folder (default <docs>/results/runs)")
@@ -471,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--only", default="", help="comma-separated rung / variant names")
     run.add_argument("--runs-dir", default="runs/ladder", help="training output and logs (checkpoints are deleted)")
     run.add_argument("--dry-run", action="store_true", help="list the runs still to do and stop")
+    sub.choices["adopt"].add_argument("--from", dest="source", required=True, help="the records' row name")
+    sub.choices["adopt"].add_argument("--to", dest="target", required=True, help="the rung or variant they become")
     args = parser.parse_args(argv)
     args.results = args.results or str(Path(args.docs) / "results" / "runs")
     try:
@@ -483,6 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         generated_by = f"python benchmarks/ablation.py report --spec {args.spec}{sets}{dirs}"
         if args.command == "run":
             return cmd_run(args, spec, generated_by)
+        if args.command == "adopt":
+            moved = adopt(spec, args.results, args.source, args.target)
+            print(f"{args.source} -> {args.target}: {', '.join(moved)}")
         report(spec, args.results, args.docs, generated_by)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -335,3 +335,38 @@ def test_variant_is_compared_with_its_baseline_on_its_own_seeds():
         ab.parse_spec(
             {**data, "variants": [{"name": "x", "config": "configs/ablation/6_full_ctf.yaml", "against": "y"}]}
         )
+
+
+def test_adopt_moves_records_only_between_rows_that_train_the_same_experiment(tmp_path):
+    """A variant that became the default becomes the rung (and the rung's old runs a variant pinning the old value):
+    the record's own command, resolved with the code now, must be the target row's."""
+    data = _spec_data()
+    data["variants"] = [
+        {"name": "ctf_T1", "config": "configs/ablation/6_full_ctf.yaml", "overrides": {"coop.temperature": 1.0},
+         "seeds": [0, 1]},
+        {"name": "ctf_T4", "config": "configs/ablation/6_full_ctf.yaml", "overrides": {"coop.temperature": 4.0},
+         "seeds": [0]},
+    ]  # fmt: skip
+    spec = ab.parse_spec(data)
+    made = ab.Job("old_T1", None, 0, "configs/ablation/6_full_ctf.yaml", {**spec.schedule, "coop.temperature": 1.0})
+    flags = made.overrides(tmp_path, 1)
+    assert "--coop.temperature=1.0" in flags and "--train.seed=0" in flags
+    ab.write_json(
+        tmp_path / "old_T1_s0.json", ab.run_record(made, _results({"teammate_a": [80, 81, 82, 83]}), flags, 9)
+    )
+    with pytest.raises(ValueError, match=r"trained another experiment than ctf_T4: coop\.temperature: 1\.0 \(record\)"):
+        ab.adopt(spec, tmp_path, "old_T1", "ctf_T4")
+    assert ab.adopt(spec, tmp_path, "old_T1", "ctf") == ["ctf_s0.json"]  # T = 1 is the default: the rung
+    rec = json.loads((tmp_path / "ctf_s0.json").read_text())
+    assert (rec["name"], rec["rung"], rec["adopted_from"]) == ("ctf", "ctf", ["old_T1"])
+    assert rec["settings"] == spec.schedule and rec["top1"]["1.0"] == 83
+    assert not (tmp_path / "old_T1_s0.json").exists()
+    assert ab.stale(ab.build_jobs(spec), tmp_path) == []  # the report takes it as the rung's run
+    with pytest.raises(ValueError, match="ctf_s0.json exists"):  # back again: the rung's run is still there
+        ab.write_json(tmp_path / "x_s0.json", {**rec, "name": "x"})
+        ab.adopt(spec, tmp_path, "x", "ctf")
+    assert ab.adopt(spec, tmp_path, "ctf", "ctf_T1") == ["ctf_T1_s0.json"]
+    with pytest.raises(ValueError, match="no records nothing_s<seed>.json"):
+        ab.adopt(spec, tmp_path, "nothing", "ctf")
+    with pytest.raises(ValueError, match="no rung or variant 'ctf_T2'"):
+        ab.adopt(spec, tmp_path, "ctf_T1", "ctf_T2")
