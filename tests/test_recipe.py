@@ -203,7 +203,7 @@ def test_keep_decay_gives_every_scaled_group_the_plain_nets_decay_per_step():
         load_config(None, ["--optim.keep_decay=3"])
 
 
-@pytest.mark.parametrize("scale", ["depths", "blocks", "weighted", "none"])
+@pytest.mark.parametrize("scale", ["depths", "blocks", "weighted", "blocks_sqrt", "none"])
 def test_lr_scale_reaches_each_net_and_its_log(tmp_path, fmnist_root, recorder, scale):
     cfg = tiny_config(tmp_path, "--optim.lr=0.2", "--optim.warmup_steps=0", f"--optim.lr_scale={scale}")
     data = build_data(cfg.data, seed=0)
@@ -215,10 +215,13 @@ def test_lr_scale_reaches_each_net_and_its_log(tmp_path, fmnist_root, recorder, 
         want = {"depths": [0.2 / depths[name]], "none": [0.2]}.get(scale, [0.2 / d for d in range(depths[name], 0, -1)])
         if scale == "weighted" and depths[name] == 3:  # SFSL weights 4/3 and 2/3 (gamma 1), the full depth 1
             want = [0.2 / 3, 0.2 / (5 / 3), 0.2]
+        if scale == "blocks_sqrt":
+            want = [0.2 / d**0.5 for d in range(depths[name], 0, -1)]
         assert lrs == pytest.approx(want)
     trainer.train()
     logged = next(m for m in recorder.metrics.values() if "train/lr/leader" in m)
-    assert logged["train/lr/teammate_a"] == pytest.approx(logged["train/lr/leader"] / (1 if scale == "none" else 3))
+    divisor = {"none": 1, "blocks_sqrt": 3**0.5}.get(scale, 3)
+    assert logged["train/lr/teammate_a"] == pytest.approx(logged["train/lr/leader"] / divisor)
 
 
 def test_lr_scale_leaves_independent_nets_at_the_full_lr(tmp_path, fmnist_root, recorder):
