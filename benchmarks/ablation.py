@@ -282,7 +282,9 @@ def resolved(config: str, overrides: Sequence[str]) -> dict[str, Any]:
 def adopt(spec: Spec, results_dir: str | Path, source: str, target: str) -> list[str]:
     """Move the records ``<source>_s<seed>.json`` to row ``target`` (its name, rung, config and settings; the
     record keeps its numbers and notes ``adopted_from``). Every record must train, under the code as it is, what
-    ``target``'s command for its seed trains, and ``target`` must have no record for that seed: else nothing moves."""
+    ``target``'s command for its seed trains, and ``target`` must have no record for that seed: else nothing moves.
+    ``source == target`` rewrites a row's records with its settings now (a row that pins a value its runs were made
+    with as the default, before the default changes)."""
     names = [r.name for r in spec.rows]
     if target not in names:
         raise ValueError(f"--to: no rung or variant {target!r}{_nearest(target, names)}")
@@ -305,14 +307,15 @@ def adopt(spec: Spec, results_dir: str | Path, source: str, target: str) -> list
                     for s in want for k in sorted(set(want[s]) | set(have.get(s, {}))) if want[s].get(k) != have.get(s, {}).get(k)]  # fmt: skip
             raise ValueError(f"{path.name} trained another experiment than {target}: {'; '.join(diff)}")
         dest = record_path(results_dir, job)
-        if dest.exists():
+        if dest.exists() and dest != path:
             raise ValueError(f"{dest.name} exists: adopt {target}'s records into another row first")
-        adopted = [*rec.get("adopted_from", []), rec["name"]]
+        adopted = [*rec.get("adopted_from", []), rec["name"]] if source != target else rec.get("adopted_from", [])
         moves.append((path, dest, {**rec, "name": row.name, "rung": row.rung, "config": job.config,
                                    "settings": job.settings, "adopted_from": adopted}))  # fmt: skip
     for path, dest, rec in moves:
         write_json(dest, rec)
-        path.unlink()
+        if dest != path:
+            path.unlink()
     return [dest.name for _, dest, _ in moves]
 
 

@@ -203,8 +203,8 @@ class OptimConfig:
     # a net that trains several depths sums a loss per depth on shared weights (SGD; optim.lr_divisors):
     # depths = its LR / the number of depths | blocks = each parameter's LR / the depths that run it
     # | weighted = blocks with each depth counted by its loss weight (SFSL w(s), 1 at full depth)
-    # | blocks_sqrt = each parameter's LR / sqrt(the depths that run it) | none
-    lr_scale: str = "blocks"
+    # | blocks_sqrt (default) = each parameter's LR / sqrt(the depths that run it): docs/RESULTS.md, eighth pass | none
+    lr_scale: str = "blocks_sqrt"
     keep_decay: bool = False  # with lr_scale, weight decay x the LR divisor: a shared weight decays as a plain net's
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 

@@ -55,12 +55,12 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
     blocks collapse (docs/RESULTS.md).
 
     * ``depths``: every parameter at ``lr / len(depths)``.
-    * ``blocks`` (the default): each parameter at ``lr /`` the number of ``depths`` that run it (its block's mask
+    * ``blocks``: each parameter at ``lr /`` the number of ``depths`` that run it (its block's mask
       bits; the stem and the head: all of them), so every weight steps about as far as in a plain net.
     * ``weighted``: as ``blocks``, counting each depth by its loss weight (``depths`` as a
       mapping depth -> weight: the SFSL weights w(s) of the sub-nets, 1 for the full depth), so a block
       that only lightly weighted depths run is not slowed by the weighting (with gamma 0: ``blocks``).
-    * ``blocks_sqrt``: ``lr / sqrt(d)`` with d as for ``blocks``. The summed gradient of d depths that do not
+    * ``blocks_sqrt`` (the default): ``lr / sqrt(d)`` with d as for ``blocks``. The summed gradient of d depths that do not
       agree is about sqrt(d) times one depth's in norm (d times when they agree), so ``blocks`` steps each
       depth's part d times more slowly than a plain net; this keeps a plain net's step norm for unaligned depths.
     * ``none``, one depth (the Leader, an independent net) or AdamW (its step does not grow with the

@@ -366,6 +366,11 @@ def test_adopt_moves_records_only_between_rows_that_train_the_same_experiment(tm
         ab.write_json(tmp_path / "x_s0.json", {**rec, "name": "x"})
         ab.adopt(spec, tmp_path, "x", "ctf")
     assert ab.adopt(spec, tmp_path, "ctf", "ctf_T1") == ["ctf_T1_s0.json"]
+    # a row pinning the value its runs had as the default: its records take the row's settings, in place
+    pinned = ab.parse_spec({**data, "schedule": {**data["schedule"], "coop.alpha": 1.0}})  # alpha 1: the default
+    assert ab.stale(ab.build_jobs(pinned), tmp_path) == ["ctf_T1_s0"]
+    assert ab.adopt(pinned, tmp_path, "ctf_T1", "ctf_T1") == ["ctf_T1_s0.json"]
+    assert ab.stale(ab.build_jobs(pinned), tmp_path) == [] and (tmp_path / "ctf_T1_s0.json").exists()
     with pytest.raises(ValueError, match="no records nothing_s<seed>.json"):
         ab.adopt(spec, tmp_path, "nothing", "ctf")
     with pytest.raises(ValueError, match="no rung or variant 'ctf_T2'"):

@@ -133,7 +133,7 @@ def test_clip_threshold_reaches_the_engines(tmp_path):
 
 
 def test_lr_divisors_by_depths_and_by_blocks():
-    assert load_config(None, []).optim.lr_scale == "blocks"
+    assert load_config(None, []).optim.lr_scale == "blocks_sqrt"
     cfg = load_config(None, ["--optim.lr=0.2", "--optim.lr_scale=depths"])
     net = build_model("resnet20", (0.25, 0.5, 1.0), width=4)  # 3 blocks per stage: 1 / 2 / 3 kept
     depths = (1.0, 0.25, 0.5)
