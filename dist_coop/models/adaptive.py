@@ -107,7 +107,6 @@ class AdaptiveNet(nn.Module):
         self.masks: dict[float, Mask] = depth_masks(self.stage_sizes, self.scaling_factors, keep)
         convert_batchnorm(backbone, len(self.scaling_factors), mode=bn, gated=gated)
         self._norms = [m for m in self.modules() if isinstance(m, DepthBatchNorm2d)]
-        self.head_mode = head
         if head == "private":  # each depth its own classifier (models.head)
             if not isinstance(getattr(backbone, "fc", None), nn.Linear):
                 raise ValueError("head: private needs a backbone whose classifier is an nn.Linear named fc")
