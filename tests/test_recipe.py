@@ -1,6 +1,8 @@
 """The recipe mechanisms: distillation ramp, gate regulariser, clipping per role, and what the trainer logs of them."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from dist_coop.config import CoopConfig, load_config
 from dist_coop.coop import CooperativeTask
 from dist_coop.coop.losses import gate_penalty, kd_ramp
+from dist_coop.coop.task import build_task
 from dist_coop.data import build_data
 from dist_coop.distributed.engine import clip_threshold, grad_stats
 from dist_coop.models import build_model
@@ -323,3 +326,34 @@ def test_peer_warmup_ramps_the_peer_terms_alone():
     assert any("/kd_peer" in k for k in done) and any("/kd_self" in k for k in done)
     with pytest.raises(ValueError, match="coop.peer_warmup"):
         CoopConfig(peer_warmup=1.5)
+
+
+def test_grad_alignment_splits_a_teammates_gradient_by_depth():
+    """benchmarks/grad_alignment.py: the per-depth gradients add up to the gradient of the Teammate's summed loss
+    (nothing lost or counted twice), and a depth's gradient is zero on the blocks it does not run."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grad_alignment.py"
+    spec = importlib.util.spec_from_file_location("grad_alignment", path)
+    ga = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ga)
+    cfg = load_config(None, ["--model.width=2", "--model.in_channels=1", "--coop.kd_warmup=0", "--coop.peer_warmup=0"])
+    task = build_task(cfg.coop)
+    torch.manual_seed(0)
+    nets = {s.name: s.build(cfg.model, cfg.coop.scaling_factors).double().train() for s in task.specs}
+    x, y = torch.randn(6, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (6,))
+    grads = ga.depth_gradients(task, nets, "teammate_a", x, y)
+    assert sorted(grads) == [0.25, 0.5, 0.75, 1.0]
+    net = nets["teammate_a"]
+    net.zero_grad(set_to_none=True)
+    soft = {n: m(x).detach() for n, m in nets.items()}
+    terms = task.full_terms("teammate_a", net, net(x), y, soft)
+    for s in (0.25, 0.5, 0.75):
+        with net.at_depth(s):
+            terms.update(task.sub_terms("teammate_a", s, net(x), y, soft))
+    sum(terms.values()).backward()
+    for p in net.parameters():
+        total = sum(g[id(p)] for g in grads.values() if id(p) in g)
+        torch.testing.assert_close(total, p.grad, rtol=1e-9, atol=1e-12)
+    last_block = net.stages[0][-1]  # run by s = 1 only
+    assert all(id(p) not in grads[0.25] for p in last_block.parameters())
+    groups = ga.shared_groups(net)
+    assert set(groups) == {"stem", "classifier"} | {f"stage{i}.block{j}" for i in (1, 2, 3) for j in (0, 1)}
