@@ -184,7 +184,7 @@ def test_keep_decay_gives_every_scaled_group_the_plain_nets_decay_per_step():
     """SGD's decay per step is lr * wd: at lr / d a shared weight would decay d times more slowly; keep_decay
     multiplies its group's wd by d (resnet20, s = 0.25 / 0.5 / 1: divisors 3, 2, 1)."""
     net = build_model("resnet20", (0.25, 0.5, 1.0), width=4)
-    cfg = load_config(None, ["--optim.lr=0.3", "--optim.keep_decay=true"]).optim
+    cfg = load_config(None, ["--optim.lr=0.3", "--optim.keep_decay=true", "--optim.lr_scale=blocks"]).optim
     assert load_config(None, []).optim.keep_decay is False
     blocks = lr_divisors(net, cfg, (1.0, 0.25, 0.5))
     groups = param_groups(net, 5e-4, 0.3, blocks, keep_decay=True)
