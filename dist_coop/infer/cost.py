@@ -9,8 +9,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_coop.models.adaptive import AdaptiveNet
-from dist_coop.models.head import DepthLinear
-from dist_coop.models.norm import DepthBatchNorm2d
 
 
 @dataclass(frozen=True)
@@ -38,13 +36,13 @@ def active_params(net: AdaptiveNet, s: float) -> int:
         for keep, block in zip(stage_mask, stage):
             if not keep:
                 skipped.update(id(p) for p in block.parameters())
+    per_depth = {id(p) for p in net.per_depth_parameters()}  # one row per depth: one row is read
     total = 0
     for module in net.modules():
         for p in module.parameters(recurse=False):
             if id(p) in skipped:
                 continue
-            per_depth = (isinstance(module, DepthBatchNorm2d) and p.dim() == 2) or isinstance(module, DepthLinear)
-            rows = p.shape[0] if per_depth else 1
+            rows = p.shape[0] if id(p) in per_depth else 1
             total += p.numel() // rows
     return total
 
