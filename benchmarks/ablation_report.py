@@ -162,6 +162,37 @@ def check_targets(ladder: Mapping[str, Any]) -> list[Target]:
     return [a, b, c_]
 
 
+def closest(ladder: Mapping[str, Any], min_seeds: int = 3) -> tuple[str, dict[str, float], list[Target]] | None:
+    """The cooperative row (rung or variant, >= ``min_seeds`` seeds) whose worst depth is nearest the nets trained
+    alone: the largest min over depths of (its mean - ``independent``'s mean on the same seeds).
+
+    Returns its name, those differences, and the three targets checked for it against ``independent`` and
+    ``full_only`` on its seeds; None without ``independent`` or without such a row.
+    """
+    rungs = ladder["rungs"]
+    if "independent" not in rungs:
+        return None
+    rows = {**rungs, **ladder.get("variants", {})}
+    best: tuple[float, str, dict[str, float]] | None = None
+    for name, row in rows.items():
+        if name in ("independent", "full_only") or len(row["seeds"]) < min_seeds:
+            continue
+        ind = on_seeds(rungs["independent"], row["seeds"])
+        if ind is None or len(ind["seeds"]) < len(row["seeds"]):
+            continue
+        diffs = {d: difference(row, ind, d)[0] for d in row["mean"]}
+        known = {d: x for d, x in diffs.items() if x is not None}
+        if known and (best is None or min(known.values()) > best[0]):
+            best = (min(known.values()), name, known)
+    if best is None:
+        return None
+    _, name, diffs = best
+    seeds = rows[name]["seeds"]
+    own = {r: on_seeds(rungs[r], seeds) for r in ("independent", "full_only") if r in rungs}
+    targets = check_targets({"rungs": {**{r: v for r, v in own.items() if v is not None}, "ctf": rows[name]}})
+    return name, diffs, targets
+
+
 # ---------------------------------------------------------------------------------------------- markdown
 
 
@@ -233,6 +264,18 @@ def render_markdown(
     else:
         lines.append("All targets are met.")
     lines += ["", *(f"- ({t.label}) {t.goal}: **{t.verdict}** — {t.detail}" for t in targets), ""]
+    near = closest(ladder) if failed else None
+    if near is not None:
+        name, diffs, own = near
+        lines += [
+            f"**Closest configuration found:** `{name}` (of the rows with >= 3 seeds, the one whose worst depth is "
+            "nearest the nets trained alone, on its own seeds): "
+            + ", ".join(f"s={d}: {x:+.2f}" for d, x in diffs.items())
+            + "; its targets: "
+            + ", ".join(f"({t.label}) {t.verdict}" for t in own)
+            + ".",
+            "",
+        ]
     lines += [line for w in warnings for line in (f"**Warning:** {w}", "")]
 
     lines += ["## The ladder", ""]

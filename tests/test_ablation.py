@@ -235,6 +235,45 @@ def test_targets_not_met_and_not_checked():
     assert a.met is None and a.verdict == "not checked" and "full_only" in a.detail and b.met is False
 
 
+def _summary(seeds: list[int], per_seed: list[list[float]]) -> dict:
+    depths = ["0.25", "0.5", "0.75", "1.0"]
+    top1 = {d: [accs[i] for accs in per_seed] for i, d in enumerate(depths)}
+    stats = {d: rp.mean_std(v) for d, v in top1.items()}
+    return {"seeds": seeds, "top1": top1, "mean": {d: m for d, (m, _) in stats.items()},
+            "std": {d: sd for d, (_, sd) in stats.items()}, "gflops": {}, "train_seconds": [], "wall_seconds": [],
+            "note": "", "against": "ctf"}  # fmt: skip
+
+
+def test_closest_configuration_by_hand():
+    ind = _summary([0, 1, 2, 3], [[80, 85, 86, 86], [82, 87, 86, 88], [81, 86, 86, 87], [90, 90, 90, 90]])
+    full = _summary([0, 1, 2, 3], [[20, 70, 80, 87], [20, 70, 80, 87], [20, 70, 80, 87], [20, 70, 80, 87]])
+    ladder = {
+        "command": "CMD",
+        "schedule": {},
+        "rungs": {
+            "independent": ind,
+            "full_only": full,
+            "ctf": _summary([0, 1, 2], [[80, 84, 85, 85]] * 3),  # worst: 84 - 86 = -2 at s=0.5
+        },
+        "variants": {
+            "near": _summary([0, 1, 2], [[81, 86, 86.5, 86.8]] * 3),  # -0 / 0 / +0.5 / -0.2: worst -0.2
+            "two_seeds": _summary([0, 1], [[99, 99, 99, 99]] * 2),  # fewer than 3 seeds: not a candidate
+            "far": _summary([0, 1, 3], [[80, 85, 85, 85]] * 3),  # compared with independent on seeds 0, 1, 3
+        },
+    }
+    name, diffs, targets = rp.closest(ladder)
+    assert name == "near"
+    # independent on seeds 0-2: 81 / 86 / 86 / 87 (seed 3 left out)
+    assert diffs == pytest.approx({"0.25": 0.0, "0.5": 0.0, "0.75": 0.5, "1.0": -0.2})
+    a, b, c = targets  # against full_only on seeds 0-2 (87) and independent on seeds 0-2
+    assert (a.met, b.met, c.met) == (True, False, True) and "86.80 vs full-only 87.00" in a.detail
+    ladder["variants"]["near"] = _summary([0, 1, 2], [[79, 80, 80, 80]] * 3)  # now ctf (-2) beats it (-6)
+    assert rp.closest(ladder)[0] == "ctf"
+    assert rp.closest({"rungs": {"ctf": ladder["rungs"]["ctf"]}}) is None  # nothing to compare with
+    md = rp.render_markdown(ladder, rp.check_targets(ladder), generated_by="GEN")
+    assert "**Closest configuration found:** `ctf`" in md and "s=0.5: -2.00" in md
+
+
 # ------------------------------------------------------------------ markdown, report
 
 
