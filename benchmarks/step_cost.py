@@ -10,7 +10,8 @@ computed once (``model.share_prefix``) off/on, times each net's loss backpropaga
 * FLOPs: forward + backward, counted by ``torch.utils.flop_counter``. Time ratio / FLOPs ratio > 1
   is overhead beyond FLOPs (more, smaller kernels; Python; optimizer steps of three nets).
 * Activation memory: every variant and batch size runs in a fresh process. On CPU the resident-set
-  high-water mark (VmHWM) is read before and after the process's first step, with glibc's mmap
+  high-water mark (VmHWM) is lowered to the memory in use after one warm-up step and read again after
+  the next step (the one-off allocations of a first step are not activations), with glibc's mmap
   threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that a freed activation goes back to the
   system and the high-water mark follows live memory rather than the allocator's retention (timing
   runs in yet another process, with the default allocator); on CUDA ``max_memory_allocated`` over a
@@ -181,6 +182,7 @@ def worker(job: dict) -> dict:
         _sync(device)
         grown = torch.cuda.max_memory_allocated(device) - base
     else:
+        step()  # warm-up: optimizer state, kernel caches and thread pools are allocated once, at any batch size
         reset_high_water()
         base = rss_high_water()
         step()
