@@ -173,16 +173,15 @@ def worker(job: dict) -> dict:
     x = torch.randn(job["batch"], *job["shape"], generator=g).to(device)
     y = torch.randint(0, cfg.model.num_classes, (job["batch"],), generator=g).to(device)
     step = build_step(cfg, variant, x, y, device)
+    step()  # warm-up: optimizer state, kernel caches and thread pools are allocated once, at any batch size
+    _sync(device)
     if device.type == "cuda":
-        step()  # warm-up: the caching allocator's peak is exact once the one-off allocations are done
-        _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
         _sync(device)
         grown = torch.cuda.max_memory_allocated(device) - base
     else:
-        step()  # warm-up: optimizer state, kernel caches and thread pools are allocated once, at any batch size
         reset_high_water()
         base = rss_high_water()
         step()
