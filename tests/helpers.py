@@ -7,7 +7,10 @@ gets batches: 512 images, batch 16, one epoch, one thread per rank).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 from dist_coop.config import Config, load_config
 
@@ -25,6 +28,20 @@ TINY = [
     "--train.log_every=1",
     "--tracking.backend=none",
 ]
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module, imported as when run as a script (its siblings importable)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 RANKS = [
     "--data.train_subset=512",
     "--data.val_subset=300",

@@ -1,6 +1,5 @@
 """The ablation sweep (benchmarks/ablation.py): spec, run list, per-run JSON, aggregation, targets, report."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,20 +9,12 @@ from pathlib import Path
 import pytest
 
 from dist_coop.config import parse_overrides
+from tests.helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: its sibling ablation_report imports
-    spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablation"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-ab = _load()
+ab = load_benchmark("ablation")
 rp = sys.modules["ablation_report"]
 DEPTHS = ("0.25", "0.5", "0.75", "1.0")
 
