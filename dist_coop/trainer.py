@@ -47,6 +47,33 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def in_layout(x: Tensor, channels_last: bool) -> Tensor:
+    """``x`` with the canonical strides of the chosen memory format (a copy only when they differ).
+
+    ``contiguous()`` is not enough: a (B, 1, H, W) batch counts as contiguous in both formats whatever its
+    channel stride, and the batched crop (``data.augment``) leaves its batches with channels_last strides,
+    after which oneDNN runs the whole net channels_last without being asked (see ``check_cpu_layout``)."""
+    fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+    canonical = torch.empty(x.shape, device="meta", memory_format=fmt).stride()
+    return x if x.stride() == canonical else x.clone(memory_format=fmt)
+
+
+def check_cpu_layout(net: torch.nn.Module, device: torch.device) -> None:
+    """Refuse ``train.channels_last`` where oneDNN's backward hangs or crashes the process: on a CPU without
+    AVX-512, a 1x1 strided convolution of fewer than 8 input channels in channels_last (torch 2.13, oneDNN
+    3.12; a narrow net's downsampling shortcut: ``model.width`` 4 and below). Seen deterministically on the
+    third backward of such a convolution; the plain layout takes another kernel and is not affected."""
+    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8:
+            raise ValueError(
+                f"train.channels_last on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX-512): oneDNN's "
+                f"backward of the 1x1 strided convolution {name} ({m.in_channels} input channels) hangs or crashes; "
+                "use model.width >= 8, or train.channels_last: false (it is a GPU option)"
+            )
+
+
 class Throughput:
     """Samples per second: of the training steps alone, over the launch (``rate``: the run's throughput), and
     of everything since the epoch began (``epoch_rate``: data loading, logging, checkpoints included)."""
@@ -137,6 +164,7 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed * 1000 + index)  # same init whatever the placement
         net = spec.build(self.cfg.model, self.cfg.coop.scaling_factors).to(self.device)
         if self.cfg.train.channels_last:
+            check_cpu_layout(net, self.device)
             net = net.to(memory_format=torch.channels_last)
         if self.cfg.train.compile != "none":
             net.compile_blocks(self.cfg.train.compile)
@@ -180,8 +208,7 @@ class Trainer:
             engine.module.train()
         self.task.set_progress(self.step, self.total_steps)
         self.guard.snapshot()  # skip mode: a skipped step must not leave its BN statistics behind
-        if self.cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = in_layout(x, self.cfg.train.channels_last)
         if self.part_backward:
             terms = self._backward_in_parts(x, y)
         else:

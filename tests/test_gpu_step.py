@@ -13,13 +13,13 @@ from tests.dist_helpers import run_steps
 from tests.helpers import tiny_config
 
 
-def _run(tmp_path, name, *extra):
-    """Two steps: float32 rounding differs between the layouts and kernels, and the tiny nets amplify a
+def _run(tmp_path, name, *extra, steps: int = 2):
+    """Two steps by default: float32 rounding differs between the layouts and kernels, and the tiny nets amplify a
     difference ~100x per step, so the second update is where a real difference shows above the rounding.
     At the full LR for every net (lr_scale none): with the Teammates at lr / 3 one of Teammate A's BN
     parameters lands 2.5e-4 apart after two steps while every loss agrees to 1e-7 (the same amplification)."""
     torch.manual_seed(0)
-    return run_steps(tiny_config(tmp_path / name, "--train.seed=2", "--optim.lr_scale=none", *extra), DistInfo(), 2)
+    return run_steps(tiny_config(tmp_path / name, "--train.seed=2", "--optim.lr_scale=none", *extra), DistInfo(), steps)
 
 
 def _assert_same_steps(got, ref, rtol):
@@ -64,9 +64,55 @@ def test_compile_blocks_keeps_the_state_dict_and_bn_statistics():
 
 
 def test_channels_last_takes_the_same_steps(tmp_path):
-    plain = _run(tmp_path, "plain")
-    cl = _run(tmp_path, "cl", "--train.channels_last=true")
-    _assert_same_steps(cl, plain, 1e-4)
+    """One step at width 8 (narrower nets are refused channels_last on CPUs without AVX-512, below).
+
+    The two layouts run different oneDNN kernels: their float32 activations differ by ~1e-5 (10x the plain
+    path's rounding), enough to put a few of the ~10^5 pre-activations within 1e-5 of zero on the other side
+    of a ReLU. Measured against float64 on one net: 5 such units move the gradient by 0.8 % in L2, while the
+    same float64 net in both layouts agrees to 1e-15. So the losses must agree to 1e-5 and each net's update
+    (parameters after the step minus before) to 10 % of its norm; a layout error moves it by ~100 %."""
+    init = _run(tmp_path, "init", "--model.width=8", steps=0)
+    plain = _run(tmp_path, "plain", "--model.width=8", steps=1)
+    cl = _run(tmp_path, "cl", "--model.width=8", "--train.channels_last=true", steps=1)
+    assert cl["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-5)
+    for name, p0 in init["params"].items():
+        update = plain["params"][name] - p0
+        assert update.norm() > 0.01 * p0.norm()  # a real step
+        assert (cl["params"][name] - plain["params"][name]).norm() < 0.1 * update.norm(), name
+
+
+def test_batches_reach_the_nets_in_the_configured_layout():
+    """The batched crop leaves (B, C, H, W) batches with channels_last strides; a 1-channel one even passes
+    ``is_contiguous()``. The step puts them in canonical strides (oneDNN otherwise runs the net channels_last
+    unasked, where a narrow net's strided 1x1 backward hangs on AVX2 CPUs), copying only when needed."""
+    from dist_coop.data.augment import random_crop_flip
+    from dist_coop.trainer import in_layout
+
+    for c in (1, 3):
+        x = random_crop_flip(torch.randn(4, c, 8, 8), 2, torch.Generator().manual_seed(0))
+        assert x.stride() == (64 * c, 1, 8 * c, c)  # what the crop gives: channels_last strides
+        plain, cl = in_layout(x, False), in_layout(x, True)
+        assert plain.stride() == (64 * c, 64, 8, 1) and torch.equal(plain, x)
+        assert cl.stride() == (64 * c, 1, 8 * c, c) and torch.equal(cl, x)
+    y = torch.randn(4, 3, 8, 8)
+    assert in_layout(y, False) is y
+    assert in_layout(torch.randn(4, 10), True).stride() == (10, 1)  # not an image batch: plain
+
+
+def test_channels_last_is_refused_where_onednn_hangs(monkeypatch):
+    from dist_coop.models import build_model
+    from dist_coop.trainer import check_cpu_layout
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    narrow = build_model("resnet20", (0.5, 1.0), width=4, in_channels=1, num_classes=10)
+    wide = build_model("resnet20", (0.5, 1.0), width=8, in_channels=1, num_classes=10)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(ValueError, match=r"train.channels_last on this CPU \(AVX2.*4 input channels.*model.width >= 8"):
+        check_cpu_layout(narrow, cpu)
+    check_cpu_layout(wide, cpu)
+    check_cpu_layout(narrow, cuda)  # a GPU takes cuDNN's kernels
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    check_cpu_layout(narrow, cpu)
 
 
 def test_gpu_step_settings_are_checked():
