@@ -29,7 +29,8 @@ def _test_source(path: str, name: str) -> str:
 
 def test_every_issue_item_has_a_row_and_every_row_a_real_test():
     rows = _rows()
-    assert {n for n, *_ in rows} == set(range(1, 12)), "every item 1-11 of the reliability issue has a row"
+    # 1-11: the items of the reliability issue; 12: faults met later (the oneDNN layout hang)
+    assert {n for n, *_ in rows} == set(range(1, 13)), "every item 1-11 of the reliability issue has a row"
     for _, _, path, name in rows:
         _test_source(path, name)
 
