@@ -64,17 +64,18 @@ def results_table(specs: Sequence[NetSpec], metrics: Mapping[str, float], costs:
 
     ``costs`` holds ``cost/{blocks,gflops,params}/<net>@<s>`` as the trainer logs them.
     """
-    header = f"{'net':<14}{'s':>6}{'blocks':>8}{'GFLOPs':>10}{'params':>10}{'top-1 %':>9}{'top-5 %':>9}{'loss':>9}"
+    rows = [(spec, s, spec.metric(s)) for spec in specs for s in spec.eval_depths]
+    # params: 10 wide, wider for nets of 10M+ parameters so the column never runs into GFLOPs
+    pw = max([10] + [len(f"{int(costs[f'cost/params/{m}']):,}") + 2 for _, _, m in rows])
+    header = f"{'net':<14}{'s':>6}{'blocks':>8}{'GFLOPs':>10}{'params':>{pw}}{'top-1 %':>9}{'top-5 %':>9}{'loss':>9}"
     lines = [header, "-" * len(header)]
-    for spec in specs:
-        for s in spec.eval_depths:
-            m = spec.metric(s)
-            mark = "" if s in spec.trained_depths else "*"
-            lines.append(
-                f"{spec.role or spec.name:<14}{mark:>1}{s:>5g}{int(costs[f'cost/blocks/{m}']):>8}{costs[f'cost/gflops/{m}']:>10.4f}"
-                f"{int(costs[f'cost/params/{m}']):>10,}{metrics[f'val/acc1/{m}']:>9.2f}{metrics[f'val/acc5/{m}']:>9.2f}"
-                f"{metrics[f'val/loss/{m}']:>9.3f}"
-            )
+    for spec, s, m in rows:
+        mark = "" if s in spec.trained_depths else "*"
+        lines.append(
+            f"{spec.role or spec.name:<14}{mark:>1}{s:>5g}{int(costs[f'cost/blocks/{m}']):>8}{costs[f'cost/gflops/{m}']:>10.4f}"
+            f"{int(costs[f'cost/params/{m}']):>{pw},}{metrics[f'val/acc1/{m}']:>9.2f}{metrics[f'val/acc5/{m}']:>9.2f}"
+            f"{metrics[f'val/loss/{m}']:>9.3f}"
+        )
     if any(s not in spec.trained_depths for spec in specs for s in spec.eval_depths):
         lines.append("* no loss term trains this depth: the net truncated, BN statistics recalibrated")
     return "\n".join(lines)

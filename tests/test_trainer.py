@@ -155,3 +155,26 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
     assert len(client.search_runs([exp.experiment_id])) == 1
     table = evaluate_checkpoint(run_dir, "cpu")
     assert "teammate_a" in table and "0.25" in table
+
+
+def test_results_table_keeps_its_columns_apart_for_large_nets():
+    """The ResNet-18 recipe's nets have 11,272,460 parameters: the params column widens so it never runs
+    into GFLOPs (it printed ``4.443511,272,460``); small nets keep the 10-wide layout the README shows."""
+    from dist_coop.coop.task import NetSpec
+    from dist_coop.evaluate import results_table
+
+    def table(params: int) -> list[str]:
+        spec = NetSpec("teammate_a", False, (0.5, 1.0), trained_depths=(0.5, 1.0))
+        costs, metrics = {}, {}
+        for s, p in ((0.5, params // 2), (1.0, params)):
+            m = spec.metric(s)
+            costs.update({f"cost/blocks/{m}": 8 * s, f"cost/gflops/{m}": 4.4435 * s, f"cost/params/{m}": p})
+            metrics.update({f"val/acc1/{m}": 10.0, f"val/acc5/{m}": 30.0, f"val/loss/{m}": 5.0})
+        return results_table([spec], metrics, costs).splitlines()
+
+    big = table(11_272_460)
+    assert big[0].split() == ["net", "s", "blocks", "GFLOPs", "params", "top-1", "%", "top-5", "%", "loss"]
+    assert big[3].split() == ["teammate_a", "1", "8", "4.4435", "11,272,460", "10.00", "30.00", "5.000"]
+    small = table(17_500)
+    assert small[0] == "net                s  blocks    GFLOPs    params  top-1 %  top-5 %     loss"  # the README's
+    assert small[3].split()[4] == "17,500" and len(small[3]) == len(small[0])
