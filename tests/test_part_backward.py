@@ -141,86 +141,101 @@ def test_torch_engine_accumulates_parts():
 # ---------------------------------------------------------------------- DeepSpeed, 2 ranks on CPU (gloo)
 
 
-def _deepspeed_worker(rank: int, world_size: int, port: int, zero: int, out_dir: str) -> None:
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def _deepspeed_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Every ZeRO stage in turn, in the same two processes (one start-up of DeepSpeed for the four)."""
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)}
         | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     )
-    import deepspeed
-    import torch.distributed as dist
+    import deepspeed.comm
 
-    from dist_coop.distributed.engine import DeepSpeedEngine
     from dist_coop.distributed.env import close_distributed, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed("cpu", backend="gloo", need_group=True)
     try:
-        overrides = ["--optim.lr=1", "--optim.momentum=0", "--optim.weight_decay=0", "--optim.schedule=constant"]
-        cfg = load_config(None, [*overrides, "--optim.grad_clip=0", f"--dist.zero_stage={zero}"])
-        singletons = [dist.new_group([r]) for r in range(world_size)]
-        task = CooperativeTask(CoopConfig(scaling_factors=FACTORS, **SOLO))
-        plain = _nets(torch.float32, names=["teammate_a"])["teammate_a"]
-        engines = [
-            DeepSpeedEngine(
-                _nets(torch.float32, names=["teammate_a"])["teammate_a"],
-                cfg.optim,
-                cfg.dist,
-                10,
-                group=dist.group.WORLD,
-                singleton=singletons[rank],
-                micro_batch=6,
-            )
-            for _ in range(2)
-        ]
-        summed, parts = ({"teammate_a": e} for e in engines)
-
-        def part_backward(name, loss, last):
-            parts[name].backward(loss, accumulate=not last)
-
-        if zero == 3:
-            x, y = _batch(1 + rank, torch.float32)
-            try:
-                task.backward_local(parts, x, y, dict, part_backward)
-            except ValueError as e:
-                torch.save({"refused": str(e)}, os.path.join(out_dir, f"rank{rank}.pt"))
-            return
-
-        def step(seed, skip=False, also_summed=False):
-            x, y = _batch(seed + rank, torch.float32)  # each rank its own batch: gradients are averaged
-            if also_summed:
-                _summed_deepspeed(task, summed, x, y)
-                summed["teammate_a"].step()
-            task.backward_local(parts, x, y, dict, part_backward)
-            parts["teammate_a"].step(skip=skip)
-
-        def weights(engine):
-            params = list(engine.module.parameters())
-            with deepspeed.zero.GatheredParameters(params):  # ZeRO-3 holds a partition of each (else: no-op)
-                return [p.detach().clone() for p in params]
-
-        def expected(seed):
-            """Plain autograd from the parts' engine's weights on both ranks' batches, averaged: SGD at lr 1."""
-            with torch.no_grad():
-                for p, w in zip(plain.parameters(), weights(engines[1])):
-                    p.copy_(w)
-            grads = []
-            for r in range(world_size):
-                plain.zero_grad()
-                _summed(task, {"teammate_a": plain}, *_batch(seed + r, torch.float32))
-                grads.append([p.grad.clone() for p in plain.parameters()])
-            return [p.detach() - sum(g) / world_size for p, *g in zip(plain.parameters(), *grads)]
-
-        record = {"expected": [expected(1)]}
-        step(1, also_summed=True)
-        record["summed"], record["parts"] = weights(engines[0]), [weights(engines[1])]
-        step(3, skip=True)  # the parts' engine drops this step's gradients (a step the guard skipped)
-        record["parts"].append(weights(engines[1]))
-        record["expected"].append(expected(5))
-        step(5)
-        record["parts"].append(weights(engines[1]))
-        torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+        records = {zero: _deepspeed_stage(rank, world_size, zero) for zero in ZERO_STAGES}
+        # DeepSpeed's communicator started without its shared-memory op (compiled on first use; training never
+        # calls it): dist_coop.distributed.engine.skip_deepspeed_shm_op
+        records["shm_op"] = deepspeed.comm.comm.cdb.shm_comm_op is not None
+        torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         close_distributed(info)
+
+
+def _deepspeed_stage(rank: int, world_size: int, zero: int) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+
+    from dist_coop.distributed.engine import DeepSpeedEngine
+
+    overrides = ["--optim.lr=1", "--optim.momentum=0", "--optim.weight_decay=0", "--optim.schedule=constant"]
+    cfg = load_config(None, [*overrides, "--optim.grad_clip=0", f"--dist.zero_stage={zero}"])
+    singletons = [dist.new_group([r]) for r in range(world_size)]
+    task = CooperativeTask(CoopConfig(scaling_factors=FACTORS, **SOLO))
+    plain = _nets(torch.float32, names=["teammate_a"])["teammate_a"]
+    engines = [
+        DeepSpeedEngine(
+            _nets(torch.float32, names=["teammate_a"])["teammate_a"],
+            cfg.optim,
+            cfg.dist,
+            10,
+            group=dist.group.WORLD,
+            singleton=singletons[rank],
+            micro_batch=6,
+        )
+        for _ in range(2)
+    ]
+    summed, parts = ({"teammate_a": e} for e in engines)
+
+    def part_backward(name, loss, last):
+        parts[name].backward(loss, accumulate=not last)
+
+    if zero == 3:
+        x, y = _batch(1 + rank, torch.float32)
+        try:
+            task.backward_local(parts, x, y, dict, part_backward)
+        except ValueError as e:
+            return {"refused": str(e)}
+        return {"refused": ""}
+
+    def step(seed, skip=False, also_summed=False):
+        x, y = _batch(seed + rank, torch.float32)  # each rank its own batch: gradients are averaged
+        if also_summed:
+            _summed_deepspeed(task, summed, x, y)
+            summed["teammate_a"].step()
+        task.backward_local(parts, x, y, dict, part_backward)
+        parts["teammate_a"].step(skip=skip)
+
+    def weights(engine):
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):  # ZeRO-3 holds a partition of each (else: no-op)
+            return [p.detach().clone() for p in params]
+
+    def expected(seed):
+        """Plain autograd from the parts' engine's weights on both ranks' batches, averaged: SGD at lr 1."""
+        with torch.no_grad():
+            for p, w in zip(plain.parameters(), weights(engines[1])):
+                p.copy_(w)
+        grads = []
+        for r in range(world_size):
+            plain.zero_grad()
+            _summed(task, {"teammate_a": plain}, *_batch(seed + r, torch.float32))
+            grads.append([p.grad.clone() for p in plain.parameters()])
+        return [p.detach() - sum(g) / world_size for p, *g in zip(plain.parameters(), *grads)]
+
+    record = {"expected": [expected(1)]}
+    step(1, also_summed=True)
+    record["summed"], record["parts"] = weights(engines[0]), [weights(engines[1])]
+    step(3, skip=True)  # the parts' engine drops this step's gradients (a step the guard skipped)
+    record["parts"].append(weights(engines[1]))
+    record["expected"].append(expected(5))
+    step(5)
+    record["parts"].append(weights(engines[1]))
+    return record
 
 
 def _summed_deepspeed(task, engines, x, y):
@@ -229,14 +244,21 @@ def _summed_deepspeed(task, engines, x, y):
         engine.backward(sum(v for k, v in terms.items() if k.startswith(name + "/")))
 
 
+@pytest.fixture(scope="module")
+def deepspeed_records(tmp_path_factory):
+    """Both ranks' records of every ZeRO stage, from one run of two processes."""
+    out = tmp_path_factory.mktemp("deepspeed_parts")
+    torch.multiprocessing.spawn(_deepspeed_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_deepspeed_engine_accumulates_parts(tmp_path, zero):
+@pytest.mark.parametrize("zero", ZERO_STAGES)
+def test_deepspeed_engine_accumulates_parts(deepspeed_records, zero):
     """ZeRO 0, 1 and 2 on 2 ranks: parts accumulated with the boundary marked equal one summed backward and the
-    plain autograd average; a skipped step leaves the weights and no gradient behind."""
-    torch.multiprocessing.spawn(_deepspeed_worker, args=(2, free_port(), zero, str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        record = torch.load(tmp_path / f"rank{rank}.pt")
+    plain autograd average; a skipped step leaves the weights and no gradient behind. ZeRO-3 is refused."""
+    for records in deepspeed_records:
+        record = records[zero]
         if zero == 3:  # refused, with the reason
             assert "needs DeepSpeed ZeRO stage 0-2" in record["refused"]
             continue
@@ -247,6 +269,13 @@ def test_deepspeed_engine_accumulates_parts(tmp_path, zero):
             assert torch.equal(a, b)  # the skipped step moved nothing
         for a, b in zip(record["expected"][1], record["parts"][2]):  # ... and left no gradient behind
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_starts_without_its_shared_memory_op(deepspeed_records):
+    """DeepSpeed's communicator would compile (first use: about a minute) and load a C++ shared-memory op
+    that only its tensor-parallel inference all-reduce calls; the engine marks it unavailable first."""
+    assert [records["shm_op"] for records in deepspeed_records] == [False, False]
 
 
 # ---------------------------------------------------------------- the loop: train.backward

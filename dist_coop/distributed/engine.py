@@ -31,6 +31,25 @@ from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.optim import Depths, build_optimizer, build_scheduler
 from dist_coop.run import deepspeed_save_dir
 
+# DeepSpeed's CPU shared-memory collective (a C++ op compiled on first use, ~1 min on 2 cores, and needing a
+# compiler). DeepSpeed's communicator builds it when it starts, yet only its tensor-parallel inference
+# all-reduce uses it: training's collectives go through torch.distributed (gloo or NCCL) either way.
+SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Mark DeepSpeed's shared-memory comm op as unavailable before its communicator starts, so that no rank
+    compiles or loads an op training never calls (its ``build_shm_op`` returns None for an op marked so;
+    DeepSpeed keeps that table in one dict so that edits to it persist). A no-op once the communicator is up."""
+    import deepspeed
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        return
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible[SHM_OP] = False
+
 
 class _NetAccess:
     """What the task needs of an engine besides the forward: depth scopes and the gates."""
@@ -314,6 +333,7 @@ class DeepSpeedEngine(_NetAccess):
         ignore_deepspeed_deprecations()
         import deepspeed
 
+        skip_deepspeed_shm_op()
         optimizer = build_optimizer(net, optim, depths)
         scheduler = build_scheduler(optimizer, total_steps, optim)
         dp_size = dist.get_world_size(group)
