@@ -9,12 +9,13 @@ computed once (``model.share_prefix``) off/on, times each net's loss backpropaga
 * Time: median of ``--steps`` steps after ``--warmup``, at the larger batch size.
 * FLOPs: forward + backward, counted by ``torch.utils.flop_counter``. Time ratio / FLOPs ratio > 1
   is overhead beyond FLOPs (more, smaller kernels; Python; optimizer steps of three nets).
-* Activation memory: every variant and batch size runs in a fresh process. On CPU the resident-set
+* Activation memory: every variant and batch size runs in a fresh process (forked from a server that has
+  imported torch once, so a measurement does not pay an interpreter start). On CPU the resident-set
   high-water mark (VmHWM) is lowered to the memory in use after one warm-up step and read again after
   the next step (the one-off allocations of a first step are not activations), with glibc's mmap
-  threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that a freed activation goes back to the
-  system and the high-water mark follows live memory rather than the allocator's retention (timing
-  runs in yet another process, with the default allocator); on CUDA ``max_memory_allocated`` over a
+  threshold fixed at 64 KiB (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_`` sets) so that
+  a freed activation goes back to the system and the high-water mark follows live memory rather than the
+  allocator's retention (timing runs in yet another process, with the default allocator); on CUDA ``max_memory_allocated`` over a
   step after one warm-up step. The growth is measured at two batch sizes: its slope (MiB per 100
   samples) is activation memory; parameters, gradients and optimizer state do not depend on the
   batch and drop out.
@@ -28,13 +29,15 @@ against the plain step:
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import ctypes
+import ctypes.util
+import multiprocessing
 import resource
 import statistics
-import subprocess
-import sys
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -159,8 +162,21 @@ def build_step(cfg, variant, x: torch.Tensor, y: torch.Tensor, device: torch.dev
     return part_step if parts else summed_step
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fix_mmap_threshold(nbytes: int) -> None:
+    """Every freed block of ``nbytes`` or more is unmapped at once (glibc; elsewhere nothing changes)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, nbytes)
+
+
 def worker(job: dict) -> dict:
     """One variant at one batch size, in a fresh process: activation growth of a step; time and FLOPs if asked."""
+    if not job["time"]:  # memory: every freed block of 64 KiB or more is unmapped (see the module docstring)
+        fix_mmap_threshold(64 * 1024)
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     variant = VARIANTS[job["variant"]]
@@ -193,31 +209,45 @@ def worker(job: dict) -> dict:
     return out
 
 
-def run_job(job: dict) -> dict:
-    env = dict(os.environ)
-    if not job["time"]:  # memory: every freed block of 64 KiB or more is unmapped (see the module docstring)
-        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, check=False, env=env
-    )
-    if proc.returncode != 0:
-        what = "timing" if job["time"] else "memory"
-        raise SystemExit(
-            f"{job['variant']} at batch {job['batch']} ({what}) failed with exit code {proc.returncode}:\n"
-            f"{proc.stderr[-3000:]}"
-        )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _guarded(job: dict) -> dict:
+    try:
+        return worker(job)
+    except BaseException:  # the child's traceback as text: the parent names the job that failed
+        return {"error": traceback.format_exc()}
 
 
-def measure(name: str, overrides: list[str], shape: tuple[int, ...], args) -> dict[str, dict]:
+def forkserver() -> multiprocessing.context.BaseContext:
+    """The context of processes forked from one server that has imported torch and this package: a fresh
+    process per job without an interpreter start each. CUDA is never initialised in the server."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "dist_coop.coop.task", "dist_coop.distributed.engine"])
+    return ctx
+
+
+def run_job(ctx: multiprocessing.context.BaseContext, job: dict) -> dict:
+    """``worker(job)`` in a process of its own (a pool of one per job: the next job gets a fresh one)."""
+    what = f"{job['variant']} at batch {job['batch']} ({'timing' if job['time'] else 'memory'})"
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            out = pool.submit(_guarded, job).result()
+    except BrokenProcessPool as e:
+        raise SystemExit(f"{what}: its process died ({e})") from e
+    if "error" in out:
+        raise SystemExit(f"{what} failed:\n{out['error'][-3000:]}")
+    return out
+
+
+def measure(
+    ctx: multiprocessing.context.BaseContext, overrides: list[str], shape: tuple[int, ...], args
+) -> dict[str, dict]:
     """Every variant of one net: time and FLOPs at the larger batch, activation MiB per 100 samples (slope)."""
     small, large = sorted(args.batches)
     results = {}
     for variant in VARIANTS:
         base = dict(variant=variant, config=args.config, overrides=overrides, shape=list(shape), device=args.device)
         base.update(threads=args.threads, steps=args.steps, warmup=args.warmup)
-        lo, hi = (run_job({**base, "batch": b, "time": False}) for b in (small, large))
-        timed = run_job({**base, "batch": large, "time": True})
+        lo, hi = (run_job(ctx, {**base, "batch": b, "time": False}) for b in (small, large))
+        timed = run_job(ctx, {**base, "batch": large, "time": True})
         slope = (hi["grown"] - lo["grown"]) / (large - small) * 100 / MiB
         results[variant] = {**timed, "act": slope, "batch": large}
     return results
@@ -261,11 +291,7 @@ def main() -> None:
     )
     parser.add_argument("--batches", type=int, nargs=2, default=[64, 128], help="two batch sizes (memory slope)")
     parser.add_argument("--r18-width", type=int, default=0, help="resnet18_64 width (0: 64 on CUDA, 8 on CPU)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return
     amp = [f"--optim.amp={args.amp}"] if args.amp else []
     cfg = load_config(args.config, [f"--train.device={args.device}", *amp])
     device = resolve_device(args.device)
@@ -285,8 +311,9 @@ def main() -> None:
         f"(time at the larger), amp {cfg.optim.amp}; colocated cooperative step: "
         f"{'Leader + ' if cfg.coop.leader else ''}{cfg.coop.teammates} Teammate(s), torch engines"
     )
-    quick = measure("quickstart", amp, shape, args)
-    r18_results = measure("resnet18_64", [*r18, *amp], (3, 64, 64), args)
+    ctx = forkserver()
+    quick = measure(ctx, amp, shape, args)
+    r18_results = measure(ctx, [*r18, *amp], (3, 64, 64), args)
     m = cfg.model
     report(f"resnet18_64 width {width}, 3x64x64, depths [0.5, 1.0]", r18_results, cfg.coop)
     ratio, beyond = report(

@@ -54,22 +54,42 @@ def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
 
 
 def worker(
-    rank: int, world_size: int, port: int, out_dir: str, overrides: list[str], num_steps: int, nan_steps: tuple = ()
+    rank: int, world_size: int, port: int, jobs: list[tuple[str, list[str]]], num_steps: int, nan_steps: tuple = ()
 ) -> None:
+    """Each job (out_dir, overrides) in turn, in this one process: a Trainer per job over the same process group."""
     os.environ.update(rank_env(rank, world_size, port))
-    cfg = tiny_config(out_dir, *RANKS, "--train.device=cpu", *overrides)
     info = init_distributed("cpu", backend="gloo", need_group=True)
     try:
-        record = run_steps(cfg, info, num_steps, nan_steps)
-        torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+        for out_dir, overrides in jobs:
+            cfg = tiny_config(out_dir, *RANKS, "--train.device=cpu", *overrides)
+            record = run_steps(cfg, info, num_steps, nan_steps)
+            torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         close_distributed(info)
+
+
+def spawn_jobs(
+    world_size: int, jobs: dict[str, list[str]], out_dir, num_steps: int = 3, nan_steps: tuple[int, ...] = ()
+) -> dict[str, list[dict]]:
+    """Run every job (name -> overrides) in the same ``world_size`` processes, one after another: the start-up of
+    the processes (interpreters, torch, DeepSpeed, the process group) is paid once. Each rank's record per job."""
+    dirs = {name: os.path.join(out_dir, name) for name in jobs}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    work = [(dirs[name], list(overrides)) for name, overrides in jobs.items()]
+    args = (world_size, free_port(), work, num_steps, tuple(nan_steps))
+    torch.multiprocessing.spawn(worker, args=args, nprocs=world_size, join=True)
+    return {
+        name: [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        for name, d in dirs.items()
+    }
 
 
 def spawn(
     world_size: int, out_dir, overrides: list[str], num_steps: int = 3, nan_steps: tuple[int, ...] = ()
 ) -> list[dict]:
+    """One job in ``world_size`` fresh processes: each rank's record."""
     os.makedirs(out_dir, exist_ok=True)
-    args = (world_size, free_port(), str(out_dir), list(overrides), num_steps, tuple(nan_steps))
+    args = (world_size, free_port(), [(str(out_dir), list(overrides))], num_steps, tuple(nan_steps))
     torch.multiprocessing.spawn(worker, args=args, nprocs=world_size, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

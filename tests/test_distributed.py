@@ -5,7 +5,7 @@ import torch
 
 from dist_coop.distributed.env import DistInfo
 from dist_coop.distributed.placement import check_engine_support, plan_placement
-from tests.dist_helpers import run_steps, spawn
+from tests.dist_helpers import run_steps, spawn, spawn_jobs
 from tests.helpers import RANKS, tiny_config
 
 NETS = ("leader", "teammate_a", "teammate_b")
@@ -52,22 +52,50 @@ def _assert_same_losses(got, ref, rel=1e-4):
             assert v == pytest.approx(b[k], rel=rel), (step, k)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine, zero", [("torch", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2)])
-def test_split_three_ranks_equals_one_process(tmp_path, fmnist_root, engine, zero):
-    """Leader, Teammate A, Teammate B on three ranks: every loss at every step equals the one-process run.
+SPLIT_CASES = [("torch", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2)]
 
-    Gradient clipping is off under ZeRO-1/2: DeepSpeed's clipping is its own code and moves parameters by
+
+def _split_overrides(engine: str, zero: int) -> list[str]:
+    """Gradient clipping is off under ZeRO-1/2: DeepSpeed's clipping is its own code and moves parameters by
     up to 1e-3 from torch's ``clip_grad_norm_`` after three steps (measured); everything else matches.
-    Under fp32 ZeRO-0 the engine clips as the torch engine does, and clipping stays on.
-    """
-    overrides = ["--optim.grad_clip=0"] if engine == "deepspeed" and zero > 0 else []
-    ranks = spawn(
-        3,
-        tmp_path,
-        ["--dist.placement=split", f"--dist.engine={engine}", f"--dist.zero_stage={zero}", *overrides],
-        num_steps=3,
-    )
+    Under fp32 ZeRO-0 the engine clips as the torch engine does, and clipping stays on."""
+    return ["--optim.grad_clip=0"] if engine == "deepspeed" and zero > 0 else []
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory, fmnist_root):
+    """Every engine and ZeRO stage of the split placement on 3 ranks: one run of three processes."""
+    jobs = {
+        f"{engine}-{zero}": [
+            "--dist.placement=split",
+            f"--dist.engine={engine}",
+            f"--dist.zero_stage={zero}",
+            *_split_overrides(engine, zero),
+        ]
+        for engine, zero in SPLIT_CASES
+    }
+    return spawn_jobs(3, jobs, tmp_path_factory.mktemp("three_ranks"), num_steps=3)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, fmnist_root):
+    """The colocated placement on 2 ranks: torch engine, DeepSpeed ZeRO-2 and ZeRO-3 (one run of two processes)."""
+    jobs = {
+        "torch": ["--dist.placement=colocated"],
+        **{
+            f"zero{z}": ["--dist.placement=colocated", "--dist.engine=deepspeed", f"--dist.zero_stage={z}"]
+            for z in (2, 3)
+        },
+    }
+    return spawn_jobs(2, jobs, tmp_path_factory.mktemp("two_ranks"), num_steps=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, zero", SPLIT_CASES)
+def test_split_three_ranks_equals_one_process(tmp_path, three_ranks, engine, zero):
+    """Leader, Teammate A, Teammate B on three ranks: every loss at every step equals the one-process run."""
+    overrides = _split_overrides(engine, zero)
+    ranks = three_ranks[f"{engine}-{zero}"]
     ref = _reference(tmp_path, 3, *overrides)
     assert [r["nets"] for r in ranks] == [["leader"], ["teammate_a"], ["teammate_b"]]
     for r in ranks:
@@ -79,7 +107,7 @@ def test_split_three_ranks_equals_one_process(tmp_path, fmnist_root, engine, zer
 
 
 @pytest.mark.slow
-def test_split_six_ranks_two_per_net(tmp_path, fmnist_root):
+def test_split_six_ranks_two_per_net(tmp_path, fmnist_root, two_ranks):
     """D = 2: replicas of a net stay identical, exchange groups share samples, shards differ; equals colocated on 2 ranks."""
     ranks = spawn(6, tmp_path / "split", ["--dist.placement=split"], num_steps=3)
     for g in range(2):  # exchange group g = ranks g, g + 2, g + 4
@@ -88,7 +116,7 @@ def test_split_six_ranks_two_per_net(tmp_path, fmnist_root):
     assert ranks[0]["labels"] != ranks[1]["labels"]  # the two exchange groups read different shards
     for i, name in enumerate(NETS):
         torch.testing.assert_close(ranks[2 * i]["params"][name], ranks[2 * i + 1]["params"][name], rtol=0, atol=0)
-    colocated = spawn(2, tmp_path / "colo", ["--dist.placement=colocated"], num_steps=3)
+    colocated = two_ranks["torch"]
     for name in NETS:  # the same data-parallel computation, placed differently
         torch.testing.assert_close(
             colocated[0]["params"][name], ranks[2 * NETS.index(name)]["params"][name], rtol=1e-4, atol=1e-5
@@ -105,10 +133,8 @@ def test_split_six_ranks_two_per_net(tmp_path, fmnist_root):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
-def test_colocated_two_ranks_keeps_replicas_equal(tmp_path, fmnist_root, zero):
-    ranks = spawn(
-        2, tmp_path, ["--dist.placement=colocated", "--dist.engine=deepspeed", f"--dist.zero_stage={zero}"], num_steps=2
-    )
+def test_colocated_two_ranks_keeps_replicas_equal(two_ranks, zero):
+    ranks = two_ranks[f"zero{zero}"]
     assert ranks[0]["nets"] == sorted(NETS) and ranks[0]["labels"] != ranks[1]["labels"]
     for name in NETS:
         torch.testing.assert_close(ranks[0]["params"][name], ranks[1]["params"][name], rtol=0, atol=0)
