@@ -219,6 +219,8 @@ def _guarded(job: dict) -> dict:
 def forkserver() -> multiprocessing.context.BaseContext:
     """The context of processes forked from one server that has imported torch and this package: a fresh
     process per job without an interpreter start each. CUDA is never initialised in the server."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: a fresh interpreter per job
+        return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "dist_coop.coop.task", "dist_coop.distributed.engine"])
     return ctx
