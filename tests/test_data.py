@@ -89,6 +89,21 @@ def test_random_crop_flip():
     assert torch.equal(out, again)
 
 
+def test_random_crop_is_the_per_sample_slice_of_the_padded_image():
+    """The batched crop (one gather) against slicing each sample's padded image at its drawn offsets; the
+    batch comes out with canonical strides, for 1 and 3 channels and non-square images."""
+    for c, h, w, pad in ((1, 5, 7, 2), (3, 8, 8, 4)):
+        x = torch.randn(6, c, h, w)
+        g = torch.Generator().manual_seed(1)
+        out = random_crop_flip(x, pad, g, flip=False)
+        g = torch.Generator().manual_seed(1)  # the same draws as the crop's
+        dy, dx = (torch.randint(0, 2 * pad + 1, (6,), generator=g) for _ in range(2))
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        want = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(6)])
+        assert torch.equal(out, want) and out.is_contiguous()
+        assert out.stride() == (c * h * w, h * w, w, 1)
+
+
 def test_shards_cover_training_and_validation_exactly_once():
     split = Split(torch.zeros(103, 1, 2, 2, dtype=torch.uint8), torch.arange(103))
     kw = dict(batch_size=10, mean=(0.0,), std=(1.0,), seed=1)

@@ -82,15 +82,18 @@ def test_channels_last_takes_the_same_steps(tmp_path):
 
 
 def test_batches_reach_the_nets_in_the_configured_layout():
-    """The batched crop leaves (B, C, H, W) batches with channels_last strides; a 1-channel one even passes
-    ``is_contiguous()``. The step puts them in canonical strides (oneDNN otherwise runs the net channels_last
-    unasked, where a narrow net's strided 1x1 backward hangs on AVX2 CPUs), copying only when needed."""
+    """A batch with channels_last strides (what the batched crop gave before it became a gather; a 1-channel
+    one even passes ``is_contiguous()``) reaches the nets in canonical strides (oneDNN otherwise runs the net
+    channels_last unasked, where a narrow net's strided 1x1 backward hangs on AVX2 CPUs), copying only when
+    needed; the crop's own batches need no copy."""
     from dist_coop.data.augment import random_crop_flip
     from dist_coop.trainer import in_layout
 
     for c in (1, 3):
-        x = random_crop_flip(torch.randn(4, c, 8, 8), 2, torch.Generator().manual_seed(0))
-        assert x.stride() == (64 * c, 1, 8 * c, c)  # what the crop gives: channels_last strides
+        crop = random_crop_flip(torch.randn(4, c, 8, 8), 2, torch.Generator().manual_seed(0))
+        assert in_layout(crop, False) is crop  # canonical already
+        x = torch.empty_strided(crop.shape, (64 * c, 1, 8 * c, c)).copy_(crop)  # channels_last strides
+        assert x.stride() == (64 * c, 1, 8 * c, c)
         plain, cl = in_layout(x, False), in_layout(x, True)
         assert plain.stride() == (64 * c, 64, 8, 1) and torch.equal(plain, x)
         assert cl.stride() == (64 * c, 1, 8 * c, c) and torch.equal(cl, x)

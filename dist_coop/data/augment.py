@@ -21,10 +21,13 @@ def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator, *, fli
         padded = F.pad(x, (padding, padding, padding, padding))
         dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
         dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
-        rows = dy[:, None] + torch.arange(h, device=x.device)[None]  # (B, H)
-        cols = dx[:, None] + torch.arange(w, device=x.device)[None]  # (B, W)
-        idx = torch.arange(b, device=x.device)[:, None, None]
-        x = padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        c = x.shape[1]
+        # one advanced index over the B * C padded planes (each channel of sample i at sample i's offsets): the
+        # result has the canonical strides, so no copy into layout follows (indexing (B, H, W, C) did need one)
+        rows = (dy[:, None] + torch.arange(h, device=x.device)[None]).repeat_interleave(c, 0)  # (B * C, H)
+        cols = (dx[:, None] + torch.arange(w, device=x.device)[None]).repeat_interleave(c, 0)  # (B * C, W)
+        planes = torch.arange(b * c, device=x.device)[:, None, None]
+        x = padded.flatten(0, 1)[planes, rows[:, :, None], cols[:, None, :]].view(b, c, h, w)
     if flip:
         mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
