@@ -51,8 +51,8 @@ def in_layout(x: Tensor, channels_last: bool) -> Tensor:
     """``x`` with the canonical strides of the chosen memory format (a copy only when they differ).
 
     ``contiguous()`` is not enough: a (B, 1, H, W) batch counts as contiguous in both formats whatever its
-    channel stride, and a batch with channels_last strides (what the batched crop gave before it became a
-    gather; any data source may) makes oneDNN run the whole net channels_last without being asked (see
+    channel stride, and a batch with channels_last strides (what the batched crop gave before it indexed the
+    image planes; any data source may) makes oneDNN run the whole net channels_last without being asked (see
     ``check_cpu_layout``)."""
     fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
     canonical = torch.empty(x.shape, device="meta", memory_format=fmt).stride()
