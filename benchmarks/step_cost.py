@@ -15,8 +15,8 @@ computed once (``model.share_prefix``) off/on, times each net's loss backpropaga
   the next step (the one-off allocations of a first step are not activations), with glibc's mmap
   threshold fixed at 64 KiB (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_`` sets) so that
   a freed activation goes back to the system and the high-water mark follows live memory rather than the
-  allocator's retention (timing runs in yet another process, with the default allocator); on CUDA ``max_memory_allocated`` over a
-  step after one warm-up step. The growth is measured at two batch sizes: its slope (MiB per 100
+  allocator's retention (timing runs in yet another process, with the default allocator); on CUDA
+  ``max_memory_allocated`` over a step after one warm-up step. The growth is measured at two batch sizes: its slope (MiB per 100
   samples) is activation memory; parameters, gradients and optimizer state do not depend on the
   batch and drop out.
 

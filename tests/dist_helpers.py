@@ -88,8 +88,5 @@ def spawn_jobs(
 def spawn(
     world_size: int, out_dir, overrides: list[str], num_steps: int = 3, nan_steps: tuple[int, ...] = ()
 ) -> list[dict]:
-    """One job in ``world_size`` fresh processes: each rank's record."""
-    os.makedirs(out_dir, exist_ok=True)
-    args = (world_size, free_port(), [(str(out_dir), list(overrides))], num_steps, tuple(nan_steps))
-    torch.multiprocessing.spawn(worker, args=args, nprocs=world_size, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    """One job in ``world_size`` fresh processes (its records in ``out_dir`` itself): each rank's record."""
+    return spawn_jobs(world_size, {"": overrides}, out_dir, num_steps, nan_steps)[""]

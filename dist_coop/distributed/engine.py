@@ -41,7 +41,6 @@ def skip_deepspeed_shm_op() -> None:
     """Mark DeepSpeed's shared-memory comm op as unavailable before its communicator starts, so that no rank
     compiles or loads an op training never calls (its ``build_shm_op`` returns None for an op marked so;
     DeepSpeed keeps that table in one dict so that edits to it persist). A no-op once the communicator is up."""
-    import deepspeed
     import deepspeed.comm
 
     if deepspeed.comm.is_initialized():
