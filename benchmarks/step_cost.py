@@ -16,9 +16,9 @@ computed once (``model.share_prefix``) off/on, times each net's loss backpropaga
   threshold fixed at 64 KiB (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_`` sets) so that
   a freed activation goes back to the system and the high-water mark follows live memory rather than the
   allocator's retention (timing runs in yet another process, with the default allocator); on CUDA
-  ``max_memory_allocated`` over a step after one warm-up step. The growth is measured at two batch sizes: its slope (MiB per 100
-  samples) is activation memory; parameters, gradients and optimizer state do not depend on the
-  batch and drop out.
+  ``max_memory_allocated`` over a step after one warm-up step. The growth is measured at two batch
+  sizes: its slope (MiB per 100 samples) is activation memory; parameters, gradients and optimizer
+  state do not depend on the batch and drop out.
 
 The last two lines compare the quick-start net's cooperative step with both optimisations on
 against the plain step:
