@@ -205,6 +205,7 @@ class OptimConfig:
     # | weighted = blocks with each depth counted by its loss weight (SFSL w(s), 1 at full depth)
     # | blocks_sqrt (default) = each parameter's LR / sqrt(the depths that run it): docs/RESULTS.md, eighth pass | none
     lr_scale: str = "blocks_sqrt"
+    lr_scale_power: float = 1.0  # depths / blocks / weighted: the LR / d ** power (blocks at 0.5 = blocks_sqrt)
     keep_decay: bool = False  # with lr_scale, weight decay x the LR divisor: a shared weight decays as a plain net's
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
 
@@ -216,6 +217,13 @@ class OptimConfig:
         _choice("optim", "clip_scale", self.clip_scale, ("none", "terms"))
         _choice("optim", "lr_scale", self.lr_scale, ("none", "depths", "blocks", "weighted", "blocks_sqrt"))
         _positive("optim", "lr", self.lr)
+        if not 0.0 < self.lr_scale_power <= 1.0:
+            raise ValueError(f"optim.lr_scale_power must be in (0, 1], got {self.lr_scale_power}")
+        if self.lr_scale_power != 1.0 and self.lr_scale in ("none", "blocks_sqrt"):
+            raise ValueError(
+                f"optim.lr_scale_power {self.lr_scale_power} needs optim.lr_scale depths, blocks or weighted "
+                f"(got {self.lr_scale}; blocks_sqrt is blocks at power 0.5)"
+            )
         for name in ("momentum", "weight_decay", "warmup_steps", "grad_clip", "step_gamma"):
             _positive("optim", name, getattr(self, name), allow_zero=True)
         if not 0.0 <= self.label_smoothing < 1.0:

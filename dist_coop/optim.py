@@ -63,6 +63,8 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
     * ``blocks_sqrt`` (the default): ``lr / sqrt(d)`` with d as for ``blocks``. The summed gradient of d depths that do not
       agree is about sqrt(d) times one depth's in norm (d times when they agree), so ``blocks`` steps each
       depth's part d times more slowly than a plain net; this keeps a plain net's step norm for unaligned depths.
+    * ``optim.lr_scale_power`` p (``depths``, ``blocks``, ``weighted``): ``lr / d ** p`` (``blocks`` at p = 0.5 is
+      ``blocks_sqrt``; 1 by default).
     * ``none``, one depth (the Leader, an independent net) or AdamW (its step does not grow with the
       gradient's scale): {}.
 
@@ -79,8 +81,9 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
     divisors = {id(p): sum(weights.values()) for p in net.parameters()}
     if cfg.lr_scale != "depths":
         divisors.update(net.runs_per_parameter(weights))
-    if cfg.lr_scale == "blocks_sqrt":
-        divisors = {k: math.sqrt(d) for k, d in divisors.items()}
+    power = 0.5 if cfg.lr_scale == "blocks_sqrt" else cfg.lr_scale_power
+    if power != 1.0:
+        divisors = {k: d**power for k, d in divisors.items()}
     return divisors
 
 

@@ -154,6 +154,20 @@ def test_lr_divisors_by_depths_and_by_blocks():
     root = lr_divisors(net, load_config(None, ["--optim.lr_scale=blocks_sqrt"]).optim, depths)
     assert root.keys() == blocks.keys() and all(root[k] == pytest.approx(blocks[k] ** 0.5) for k in blocks)
     assert root[id(stage[0].conv1.weight)] == pytest.approx(3**0.5) and root[id(stage[2].conv1.weight)] == 1.0
+    quarter = lr_divisors(
+        net, load_config(None, ["--optim.lr_scale=blocks", "--optim.lr_scale_power=0.25"]).optim, depths
+    )
+    assert [quarter[id(p)] for p in stage[1].parameters()] == pytest.approx(
+        [2**0.25] * len(list(stage[1].parameters()))
+    )
+    assert quarter[id(net.backbone.fc.weight)] == pytest.approx(3**0.25) and quarter[id(stage[2].conv1.weight)] == 1.0
+    halved = lr_divisors(
+        net, load_config(None, ["--optim.lr_scale=blocks", "--optim.lr_scale_power=0.5"]).optim, depths
+    )
+    assert halved == pytest.approx(root)  # blocks_sqrt is blocks at power 0.5
+    for bad in (["--optim.lr_scale_power=0"], ["--optim.lr_scale_power=1.5"], ["--optim.lr_scale_power=0.25"]):
+        with pytest.raises(ValueError, match="lr_scale_power"):  # the last: the default blocks_sqrt has its own power
+            load_config(None, bad)
     assert lr_divisors(net, load_config(None, ["--optim.lr_scale=none"]).optim, depths) == {}
     assert lr_divisors(net, load_config(None, ["--optim.name=adamw"]).optim, depths) == {}  # Adam: scale-free step
     with pytest.raises(ValueError, match="lr_scale"):
