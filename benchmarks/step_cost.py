@@ -222,7 +222,8 @@ def forkserver() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: a fresh interpreter per job
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "dist_coop.coop.task", "dist_coop.distributed.engine"])
+    # torch._dynamo: the optimizers and the FLOP counter import it on their first call (~2 s a process)
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "dist_coop.coop.task", "dist_coop.distributed.engine"])
     return ctx
 
 
