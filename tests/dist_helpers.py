@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -68,6 +70,19 @@ def worker(
         close_distributed(info)
 
 
+# what every worker imports anyway: the server imports it once, and each worker is forked from it
+WORKER_PRELOAD = ["torch", "torch._dynamo", "deepspeed", "dist_coop.trainer", "dist_coop.run", "tests.dist_helpers"]
+
+
+def start_workers(fn: Callable, args: tuple, nprocs: int) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` processes, joined; a worker's exception is raised here (as
+    ``torch.multiprocessing.spawn``). The processes are forked from a server that has imported torch, DeepSpeed
+    and the package once: a spawned interpreter pays its own imports (~5-10 s of CPU each, most of a
+    multi-process test on 2 cores), and the server has run no torch op, so no thread pool is forked."""
+    multiprocessing.set_forkserver_preload(WORKER_PRELOAD)  # read when the server starts: the first call
+    torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
 def spawn_jobs(
     world_size: int, jobs: dict[str, list[str]], out_dir, num_steps: int = 3, nan_steps: tuple[int, ...] = ()
 ) -> dict[str, list[dict]]:
@@ -78,7 +93,7 @@ def spawn_jobs(
         os.makedirs(d, exist_ok=True)
     work = [(dirs[name], list(overrides)) for name, overrides in jobs.items()]
     args = (world_size, free_port(), work, num_steps, tuple(nan_steps))
-    torch.multiprocessing.spawn(worker, args=args, nprocs=world_size, join=True)
+    start_workers(worker, args, world_size)
     return {
         name: [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
         for name, d in dirs.items()

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
-from tests.dist_helpers import TINY, rank_env
+from tests.dist_helpers import TINY, rank_env, start_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -75,7 +75,7 @@ def test_each_generation_meets_in_its_own_store(tmp_path):
         out = tmp_path / f"generation{generation}"
         out.mkdir()
         args = (3, agent_store.port, counts, str(out))
-        torch.multiprocessing.spawn(_generation_worker, args=args, nprocs=3, join=True)
+        start_workers(_generation_worker, args, 3)
         assert [float((out / f"rank{r}").read_text()) for r in range(3)] == [6.0, 6.0, 6.0]
 
 

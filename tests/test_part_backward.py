@@ -11,6 +11,7 @@ from dist_coop.coop.forward import DepthForward
 from dist_coop.distributed.engine import TorchEngine
 from dist_coop.models import build_model
 from dist_coop.ports import free_port
+from tests.dist_helpers import start_workers
 
 FACTORS = (0.25, 0.5, 0.75, 1.0)
 NAMES = ("leader", "teammate_a", "teammate_b")
@@ -248,7 +249,7 @@ def _summed_deepspeed(task, engines, x, y):
 def deepspeed_records(tmp_path_factory):
     """Both ranks' records of every ZeRO stage, from one run of two processes."""
     out = tmp_path_factory.mktemp("deepspeed_parts")
-    torch.multiprocessing.spawn(_deepspeed_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    start_workers(_deepspeed_worker, (2, free_port(), str(out)), 2)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 

@@ -15,7 +15,7 @@ from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
 from dist_coop.run import TRAINER_STATE, checkpoint_dir, latest_checkpoint, load_run
 from dist_coop.trainer import Trainer
-from tests.dist_helpers import rank_env
+from tests.dist_helpers import rank_env, start_workers
 from tests.helpers import RANKS, tiny_config
 from tests.media import make_clip
 
@@ -141,7 +141,7 @@ def deepspeed_worker(rank: int, port: int, out_dir: str, zero: int) -> None:
 def test_load_run_reads_deepspeed_checkpoints(tmp_path, fmnist_root, zero):
     """ZeRO-0 keeps the module in DeepSpeed's model states, ZeRO-3 partitions it over the optimizer states:
     both read back as the nets DeepSpeed trained."""
-    torch.multiprocessing.spawn(deepspeed_worker, args=(free_port(), str(tmp_path), zero), nprocs=1, join=True)
+    start_workers(deepspeed_worker, (free_port(), str(tmp_path), zero), 1)
     run = load_run(tmp_path / "t")
     assert run.step == 2 and run.config.dist.engine == "deepspeed"
     assert (run.checkpoint / "leader" / run.checkpoint.name).is_dir()  # DeepSpeed's own files were read

@@ -17,7 +17,7 @@ from dist_coop.ports import free_port
 from dist_coop.run import TRAINER_STATE, latest_checkpoint
 from dist_coop.track.mlflow_tracker import is_database_uri, mlflow_key, resume_changes, settings_before_resume
 from dist_coop.trainer import Trainer
-from tests.dist_helpers import rank_env
+from tests.dist_helpers import rank_env, start_workers
 from tests.helpers import RANKS, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def save_and_resume_worker(rank: int, world_size: int, port: int, out_dir: str) 
 
 @pytest.mark.slow
 def test_split_deepspeed_saves_agree_on_the_tag_and_resume(tmp_path, fmnist_root):
-    torch.multiprocessing.spawn(save_and_resume_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    start_workers(save_and_resume_worker, (3, free_port(), str(tmp_path)), 3)
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(3)]
     for rank, text in enumerate(logs):
         assert f"rank {rank} done" in text  # the log is the rank's real output
