@@ -8,7 +8,9 @@ import torch
 from dist_coop.data import fashion_mnist
 from tests.helpers import RecordingTracker
 
-torch.set_num_threads(2)
+# two threads for a test run alone; one per process when pytest-xdist runs two at once (two processes of two
+# threads each on two cores spin-wait for each other in every op: tiny nets ran ~6x slower)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

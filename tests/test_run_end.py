@@ -213,20 +213,33 @@ def test_sigterm_saves_exits_143_and_resume_matches_uninterrupted_run(tmp_path, 
     assert run.info.status == "FINISHED" and "error" not in run.data.tags
 
 
+# the torchrun runs below: 2 colocated ranks, 3 epochs of 4 steps, a checkpoint every 2 steps
+TORCHRUN_RUN = [*TINY, "--train.checkpoint_every=2", "--train.threads=1", "--train.epochs=3", "--train.resume=auto"]
+TORCHRUN_RUN += ["--train.device=cpu", "--dist.placement=colocated"]
+
+
+def _torchrun(out_dir: Path, name: str, *launcher: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", *launcher, "launch/train.py", *TORCHRUN_RUN,
+            f"--train.out_dir={out_dir}", f"--train.run_name={name}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def torchrun_clean(tmp_path_factory, fmnist_root) -> dict[str, float]:
+    """The uninterrupted torchrun run's final metrics: what an interrupted and resumed one must end with."""
+    out = tmp_path_factory.mktemp("torchrun")
+    cmd = _torchrun(out, "clean", "--master_port", str(free_port()))
+    clean = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    return _metrics(out / "clean")
+
+
 @pytest.mark.slow
-def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(tmp_path, fmnist_root):
+def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(tmp_path, torchrun_clean):
     """torchrun, 2 colocated ranks: SIGTERM to the agent, which forwards it to its workers; both ranks stop
     after the same step and save one checkpoint; resuming ends with the uninterrupted run's metrics."""
-    common = [*TINY, f"--train.out_dir={tmp_path}", "--train.checkpoint_every=2", "--train.threads=1"]
-    common += ["--train.epochs=3", "--train.resume=auto", "--train.device=cpu", "--dist.placement=colocated"]
-
-    def torchrun(name):
-        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                "launch/train.py", *common, f"--train.run_name={name}"]  # fmt: skip
-
-    clean = subprocess.run(torchrun("clean"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    stopped = _sigterm_after_first_checkpoint(torchrun("stopped"), tmp_path / "stopped")
+    stopped = _sigterm_after_first_checkpoint(
+        _torchrun(tmp_path, "stopped", "--master_port", str(free_port())), tmp_path / "stopped"
+    )
     assert stopped.returncode != 0  # the agent's own SIGTERM ends it with an error
     lines = re.findall(
         r"dist-coop: rank (\d): stopped at step (\d+) of 12 on a stop signal; checkpoint (step_\d+)", stopped.stdout
@@ -235,6 +248,33 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(tmp_path, fmnist_
     assert len({(s, c) for _, s, c in lines}) == 1  # the same step and checkpoint on both ranks
     step, tag = int(lines[0][1]), lines[0][2]
     assert step < 12 and latest_checkpoint(tmp_path / "stopped").name == tag
-    resumed = subprocess.run(torchrun("stopped"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    resume = _torchrun(tmp_path, "stopped", "--master_port", str(free_port()))
+    resumed = subprocess.run(resume, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _metrics(tmp_path / "stopped") == _metrics(tmp_path / "clean")  # replica 1's BN statistics saved too
+    assert _metrics(tmp_path / "stopped") == torchrun_clean  # replica 1's BN statistics saved too
+
+
+@pytest.mark.slow
+def test_rank_killed_mid_run_resumes_and_matches(tmp_path, torchrun_clean):
+    """SIGKILL one rank under torchrun --max-restarts=1: the agent restarts both, the run resumes from the last
+    checkpoint and ends with the uninterrupted run's metrics. Elastic (c10d) rendezvous (--standalone): a
+    restart starts a fresh rendezvous round, so the new workers' process groups never meet the dead ones'
+    addresses."""
+    cmd = _torchrun(tmp_path, "crash", "--standalone", "--max-restarts", "1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = tmp_path / "crash" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert marker.exists() and proc.poll() is None, "no checkpoint before the run ended"
+    killed_at = marker.read_text()
+    victims = sorted(
+        int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    )
+    assert len(victims) == 2
+    os.kill(victims[1], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out
+    assert killed_at < "step_00000012" and json.loads((tmp_path / "crash" / "results.json").read_text())["step"] == 12
+    assert _metrics(tmp_path / "crash") == torchrun_clean
