@@ -95,26 +95,16 @@ def _two_agents(out_dir: Path, name: str, *extra: str) -> list[subprocess.Popen]
         *extra,
     )
     rdzv = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", name]
+    torchrun = [str(BIN / "torchrun"), "--nnodes", "2", "--max-restarts", "1", *rdzv]
     env = _env(LOGLEVEL="INFO")  # the agents log their restarts: the test waits on those lines
     return [
         subprocess.Popen(
-            [
-                str(BIN / "torchrun"),
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                str(nproc),
-                "--max-restarts",
-                "1",
-                *rdzv,
-                "launch/train.py",
-                *cfg,
-            ],
+            [*torchrun, "--nproc_per_node", str(nproc), "launch/train.py", *cfg],
             cwd=ROOT,
             env=env,
             stdout=open(out_dir / f"{name}.agent{i}.log", "w"),
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
         for i, nproc in enumerate((2, 1))
     ]
 
