@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,12 @@ def run_steps(cfg, info, num_steps: int, nan_steps: tuple[int, ...] = ()) -> dic
     record["exchange_seconds"] = trainer.exchange.seconds
     record["skipped"] = dict(trainer.guard.skipped)
     return record
+
+
+def children(parent: int) -> list[int]:
+    """The pids of ``parent``'s child processes (a launcher's workers), sorted."""
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    return sorted(int(p) for p in out)
 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
-from tests.dist_helpers import TINY, rank_env, start_workers
+from tests.dist_helpers import TINY, children, rank_env, start_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,11 +38,6 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _config(out_dir: Path, name: str, *extra: str) -> list[str]:
     return [*TINY, f"--train.out_dir={out_dir}", f"--train.run_name={name}", "--train.device=cpu", *extra]
-
-
-def _children(parent: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
-    return sorted(int(p) for p in out)
 
 
 def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float) -> None:
@@ -114,7 +109,7 @@ def _kill(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is not None:
             continue
-        for pid in [*_children(p.pid), p.pid]:
+        for pid in [*children(p.pid), p.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         p.wait()
@@ -160,11 +155,11 @@ def test_two_agents_worker_killed_resumes_and_matches(tmp_path, fmnist_root):
     try:
         _wait_for(tmp_path / "crash" / "checkpoints" / "latest", procs, timeout=300)
         killed_at = (tmp_path / "crash" / "checkpoints" / "latest").read_text()
-        paused = _children(procs[1].pid)
-        assert len(paused) == 1 and len(_children(procs[0].pid)) == 2
+        paused = children(procs[1].pid)
+        assert len(paused) == 1 and len(children(procs[0].pid)) == 2
         for pid in paused:
             os.kill(pid, signal.SIGSTOP)
-        os.kill(_children(procs[0].pid)[0], signal.SIGKILL)
+        os.kill(children(procs[0].pid)[0], signal.SIGKILL)
         # agent 1 sees agent 0 waiting for a new round while its own workers are alive: not a counted restart
         detected = _log_has(tmp_path / "crash.agent1.log", "new nodes from group_rank", timeout=120)
         for pid in paused:

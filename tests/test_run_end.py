@@ -21,7 +21,7 @@ from dist_coop.guard import NonFiniteError
 from dist_coop.preempt import EXIT_PREEMPTED
 from dist_coop.run import latest_checkpoint
 from dist_coop.trainer import Trainer
-from tests.dist_helpers import free_port, run_steps, spawn
+from tests.dist_helpers import children, free_port, run_steps, spawn
 from tests.helpers import RANKS, TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,14 +161,20 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _sigterm_after_first_checkpoint(cmd: list[str], run_dir: Path) -> subprocess.CompletedProcess:
-    """Start ``cmd``, send it SIGTERM once ``run_dir`` has a checkpoint, wait for it to end."""
+def _start_until_first_checkpoint(cmd: list[str], run_dir: Path) -> subprocess.Popen:
+    """Start ``cmd`` (output piped) and return it, still running, once ``run_dir`` has a checkpoint."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = run_dir / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert marker.exists() and proc.poll() is None, "the run ended before its first checkpoint"
+    return proc
+
+
+def _sigterm_after_first_checkpoint(cmd: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    """Start ``cmd``, send it SIGTERM once ``run_dir`` has a checkpoint, wait for it to end."""
+    proc = _start_until_first_checkpoint(cmd, run_dir)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(cmd, proc.returncode, out)
@@ -260,17 +266,11 @@ def test_rank_killed_mid_run_resumes_and_matches(tmp_path, torchrun_clean):
     checkpoint and ends with the uninterrupted run's metrics. Elastic (c10d) rendezvous (--standalone): a
     restart starts a fresh rendezvous round, so the new workers' process groups never meet the dead ones'
     addresses."""
-    cmd = _torchrun(tmp_path, "crash", "--standalone", "--max-restarts", "1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    marker = tmp_path / "crash" / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert marker.exists() and proc.poll() is None, "no checkpoint before the run ended"
-    killed_at = marker.read_text()
-    victims = sorted(
-        int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc = _start_until_first_checkpoint(
+        _torchrun(tmp_path, "crash", "--standalone", "--max-restarts", "1"), tmp_path / "crash"
     )
+    killed_at = (tmp_path / "crash" / "checkpoints" / "latest").read_text()
+    victims = children(proc.pid)
     assert len(victims) == 2
     os.kill(victims[1], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
