@@ -15,7 +15,7 @@ import torch
 from dist_coop.config import Config, load_config
 from dist_coop.data import Data, build_data
 from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed, peer_failure
-from dist_coop.evaluate import evaluate_sums, results_table, sums_to_metrics
+from dist_coop.evaluate import EVAL_SPLITS, evaluate_sums, results_table, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
 from dist_coop.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopSignal, interrupted
@@ -93,22 +93,26 @@ def _check_data_matches_model(cfg: Config, data: Data) -> None:
         )
 
 
-def evaluate_checkpoint(path: str | Path, device: str = "auto") -> str:
+def evaluate_checkpoint(path: str | Path, device: str = "auto", split: str = "val") -> str:
     """Every net of a run folder's latest checkpoint (or of a checkpoint folder) at every depth, on its config's
-    validation data; returns the results table."""
+    validation data (``split="val"``) or on its training samples without augmentation (``"train"``: next to
+    ``val``, how well the nets fit what they were trained on); returns the results table."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
     run = load_run(path, require_device(device, "--device"))
     cfg = run.config
     data = build_data(cfg.data, seed=cfg.train.seed, device=run.device)
     amp = None if cfg.dist.engine == "deepspeed" else resolve_amp(cfg.optim.amp, run.device)
     autocast = (lambda: torch.autocast(run.device.type, dtype=amp)) if amp is not None else None
+    batches = data.val if split == "val" else data.train_eval
     metrics, costs = {}, {}
     for spec in run.specs:
         net = run.nets[spec.name]
         for s in spec.eval_depths:
-            sums = evaluate_sums(net, data.val.epoch(0), s, autocast)
-            metrics.update({f"val/{key}/{spec.metric(s)}": value for key, value in sums_to_metrics(sums).items()})
+            sums = evaluate_sums(net, batches.epoch(0), s, autocast)
+            metrics.update({f"{split}/{key}/{spec.metric(s)}": value for key, value in sums_to_metrics(sums).items()})
         costs.update(cost_metrics(spec.metric, net, run.inputs.shape))
-    return results_table(run.specs, metrics, costs)
+    return results_table(run.specs, metrics, costs, split=split)
 
 
 def write_shards_command(args: argparse.Namespace) -> None:
@@ -166,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_eval.add_argument("checkpoint")
     p_eval.add_argument("--device", default="auto")
+    p_eval.add_argument(
+        "--split",
+        default="val",
+        choices=EVAL_SPLITS,
+        help="val: the validation data; train: the training samples without augmentation (the fit gap)",
+    )
     p_shards = sub.add_parser("shards", parents=[common], help="write a dataset as webdataset tar shards + index.json")
     p_shards.add_argument("--source", default="", choices=["", "tiny_imagenet", "cifar", "folder", "bundled"])
     p_shards.add_argument(
@@ -222,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
-            print(evaluate_checkpoint(args.checkpoint, args.device))
+            print(evaluate_checkpoint(args.checkpoint, args.device, args.split))
     except (ValueError, FileNotFoundError, NonFiniteError) as e:
         if args.debug:
             traceback.print_exc()

@@ -12,6 +12,8 @@ from torch import Tensor
 from dist_coop.coop.task import NetSpec
 from dist_coop.models.adaptive import AdaptiveNet
 
+EVAL_SPLITS = ("val", "train")  # what a results table can be computed on (``train``: without augmentation)
+
 
 @torch.no_grad()
 def evaluate_sums(
@@ -59,10 +61,13 @@ def selected_depths(spec: NetSpec, which: str) -> list[float]:
     return [s for s in spec.eval_depths if which == "all" or (s in spec.trained_depths) == (which == "trained")]
 
 
-def results_table(specs: Sequence[NetSpec], metrics: Mapping[str, float], costs: Mapping[str, float]) -> str:
+def results_table(
+    specs: Sequence[NetSpec], metrics: Mapping[str, float], costs: Mapping[str, float], split: str = "val"
+) -> str:
     """One row per (net, depth): blocks, GFLOPs, params, top-1, top-5, loss; * marks untrained depths.
 
-    ``costs`` holds ``cost/{blocks,gflops,params}/<net>@<s>`` as the trainer logs them.
+    ``costs`` holds ``cost/{blocks,gflops,params}/<net>@<s>`` as the trainer logs them; ``metrics`` holds
+    ``<split>/{acc1,acc5,loss}/<net>@<s>``, and a split other than ``val`` is named under the table.
     """
     rows = [(spec, s, spec.metric(s)) for spec in specs for s in spec.eval_depths]
     # params: 10 wide, wider for nets of 10M+ parameters so the column never runs into GFLOPs
@@ -73,9 +78,11 @@ def results_table(specs: Sequence[NetSpec], metrics: Mapping[str, float], costs:
         mark = "" if s in spec.trained_depths else "*"
         lines.append(
             f"{spec.role or spec.name:<14}{mark:>1}{s:>5g}{int(costs[f'cost/blocks/{m}']):>8}{costs[f'cost/gflops/{m}']:>10.4f}"
-            f"{int(costs[f'cost/params/{m}']):>{pw},}{metrics[f'val/acc1/{m}']:>9.2f}{metrics[f'val/acc5/{m}']:>9.2f}"
-            f"{metrics[f'val/loss/{m}']:>9.3f}"
+            f"{int(costs[f'cost/params/{m}']):>{pw},}{metrics[f'{split}/acc1/{m}']:>9.2f}{metrics[f'{split}/acc5/{m}']:>9.2f}"
+            f"{metrics[f'{split}/loss/{m}']:>9.3f}"
         )
     if any(s not in spec.trained_depths for spec in specs for s in spec.eval_depths):
         lines.append("* no loss term trains this depth: the net truncated, BN statistics recalibrated")
+    if split == "train":
+        lines.append("on the training samples, without augmentation (compare with the validation table: the fit gap)")
     return "\n".join(lines)

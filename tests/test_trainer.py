@@ -7,8 +7,8 @@ import torch
 
 from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.cli import evaluate_checkpoint, run_training
-from dist_coop.data import build_data
-from dist_coop.run import TRAINER_STATE, latest_checkpoint
+from dist_coop.data import build_data, fashion_mnist
+from dist_coop.run import TRAINER_STATE, latest_checkpoint, load_run
 from dist_coop.trainer import Trainer, resolve_amp
 from tests.helpers import RecordingTracker, tiny_config
 
@@ -155,6 +155,18 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
     assert len(client.search_runs([exp.experiment_id])) == 1
     table = evaluate_checkpoint(run_dir, "cpu")
     assert "teammate_a" in table and "0.25" in table
+    # --split train: the 640 training samples without augmentation, by hand for one (net, depth)
+    train_table = evaluate_checkpoint(run_dir, "cpu", split="train")
+    assert train_table.splitlines()[-1].startswith("on the training samples")
+    run = load_run(run_dir)
+    images, labels = fashion_mnist.load_split("train", run.config.data.root)
+    with torch.no_grad(), run.nets["teammate_a"].at_depth(0.5):
+        x = (images[:640].float() / 255.0 - fashion_mnist.MEAN[0]) / fashion_mnist.STD[0]
+        hand = 100.0 * (run.nets["teammate_a"](x).argmax(1) == labels[:640]).float().mean().item()
+    (row,) = [r.split() for r in train_table.splitlines() if r.split()[:2] == ["teammate_a", "0.5"]]
+    assert float(row[5]) == pytest.approx(hand, abs=0.006)  # the table rounds to 2 decimals
+    with pytest.raises(ValueError, match="split must be one of"):
+        evaluate_checkpoint(run_dir, "cpu", split="test")
 
 
 def test_results_table_keeps_its_columns_apart_for_large_nets():

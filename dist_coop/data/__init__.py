@@ -17,6 +17,7 @@ from dist_coop.data.memory import MemoryBatches, Split
 class Data:
     train: Batches  # MemoryBatches or ShardBatches
     val: Batches
+    train_eval: Batches  # the training samples as evaluation sees them (no augmentation, in order): the fit gap
     in_channels: int
     num_classes: int
     classes: tuple[str, ...]
@@ -49,6 +50,7 @@ def build_data(cfg: DataConfig, *, seed: int, device: torch.device | str = "cpu"
             **common,
         ),
         val=MemoryBatches(val, batch_size=cfg.eval_batch_size, train=False, **common),
+        train_eval=MemoryBatches(train, batch_size=cfg.eval_batch_size, train=False, **common),
         in_channels=1,
         num_classes=len(fashion_mnist.CLASSES),
         classes=fashion_mnist.CLASSES,
@@ -98,6 +100,7 @@ def _from_shards(cfg: DataConfig, *, seed: int, device: torch.device | str) -> D
     return Data(
         train=train,
         val=val,
+        train_eval=ShardBatches(root, index, "train", batch_size=cfg.eval_batch_size, train=False, workers=0, **common),
         in_channels=channels,
         num_classes=len(index["classes"]),
         classes=tuple(index["classes"]),
