@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dist_coop.config import load_config
-from dist_coop.data import build_data
+from dist_coop.data import build_data, fashion_mnist
 from dist_coop.data.shards import read_index, write_shards
 from dist_coop.data.sources import bundled, cifar, image_folder, tiny_imagenet
 from dist_coop.data.stream import ShardBatches
@@ -259,6 +259,10 @@ def test_quickstart_from_bundled_shards(tmp_path, fmnist_root):
     x, y = next(data.train.epoch(0))
     assert x.shape == (64, 1, 28, 28) and abs(float(x.mean())) < 0.5
     assert sum(len(y) for _, y in data.val.epoch(0)) == 10_000  # the limit cuts the training split only
+    # the training split as evaluation sees it (`dist-coop eval --split train`): every sample, unaugmented, in order
+    first, again = next(data.train_eval.epoch(0)), next(data.train_eval.epoch(0))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert torch.equal(torch.cat([y for _, y in data.train_eval.epoch(0)]), fashion_mnist.load_split("train")[1][:1024])
 
 
 def test_video_clips_become_frame_shards(tmp_path):

@@ -88,8 +88,11 @@ def _from_shards(cfg: DataConfig, *, seed: int, device: torch.device | str) -> D
     val = ShardBatches(root, index, val_split, batch_size=cfg.eval_batch_size, train=False, workers=0, **common)
     first, _ = next(iter(val.epoch(0)))
 
+    def train_in_order(batch_size: int) -> ShardBatches:  # the training split unaugmented, in order
+        return ShardBatches(root, index, "train", batch_size=batch_size, train=False, workers=0, **common)
+
     def calibration(n: int) -> Iterator[torch.Tensor]:
-        calib = ShardBatches(root, index, "train", batch_size=cfg.batch_size, train=False, workers=0, **common)
+        calib = train_in_order(cfg.batch_size)
         seen = 0
         for x, _ in calib.epoch(0, check=False):
             if seen >= n:
@@ -100,7 +103,7 @@ def _from_shards(cfg: DataConfig, *, seed: int, device: torch.device | str) -> D
     return Data(
         train=train,
         val=val,
-        train_eval=ShardBatches(root, index, "train", batch_size=cfg.eval_batch_size, train=False, workers=0, **common),
+        train_eval=train_in_order(cfg.eval_batch_size),
         in_channels=channels,
         num_classes=len(index["classes"]),
         classes=tuple(index["classes"]),
