@@ -336,7 +336,9 @@ def run_record(job: Job, results: Mapping[str, Any], overrides: Sequence[str], w
     if net is None:
         raise ValueError(f"{job.key}: results have none of the nets {list(REPORTED_NETS)} (found {sorted(nets)})")
     depths = sorted((_depth_key(m)[1] for m in acc1 if _depth_key(m)[0] == net), key=float)
-    return {
+    # train.eval_train: the same nets on their training samples, without augmentation (the fit gap)
+    fit = {k.removeprefix("train_eval/acc1/"): float(v) for k, v in metrics.items() if k.startswith("train_eval/acc1/")}
+    record = {
         "name": job.name,
         "rung": job.rung,
         "seed": job.seed,
@@ -351,6 +353,10 @@ def run_record(job: Job, results: Mapping[str, Any], overrides: Sequence[str], w
         "wall_seconds": round(wall_seconds, 1),
         "step": results.get("step"),
     }
+    if fit:
+        record["train_top1"] = {d: fit[f"{net}@{d}"] for d in depths}
+        record["all_train_top1"] = fit
+    return record
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -15,7 +15,7 @@ import torch
 from dist_coop.config import Config, load_config
 from dist_coop.data import Data, build_data
 from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed, peer_failure
-from dist_coop.evaluate import EVAL_SPLITS, evaluate_sums, results_table, sums_to_metrics
+from dist_coop.evaluate import EVAL_SPLITS, METRIC_PREFIX, evaluate_sums, results_table, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
 from dist_coop.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopSignal, interrupted
@@ -110,7 +110,12 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", split: str = "va
         net = run.nets[spec.name]
         for s in spec.eval_depths:
             sums = evaluate_sums(net, batches.epoch(0), s, autocast)
-            metrics.update({f"{split}/{key}/{spec.metric(s)}": value for key, value in sums_to_metrics(sums).items()})
+            metrics.update(
+                {
+                    f"{METRIC_PREFIX[split]}/{key}/{spec.metric(s)}": value
+                    for key, value in sums_to_metrics(sums).items()
+                }
+            )
         costs.update(cost_metrics(spec.metric, net, run.inputs.shape))
     return results_table(run.specs, metrics, costs, split=split)
 

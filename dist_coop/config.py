@@ -246,6 +246,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = at each epoch end only
     resume: str = ""  # "" = start fresh, "auto" = latest checkpoint of this run if any, or a checkpoint folder
     recalibrate_bn: int = 0  # after training, recompute each depth's BN statistics on N samples
+    # after training, also evaluate every net at every depth on its training samples without augmentation
+    # (train_eval/acc1/<net>@<s> in results.json beside val/...: how well each depth fits, the fit gap)
+    eval_train: bool = False
     progress: bool = True
     on_nonfinite: str = "error"  # a net's loss or gradient is inf/nan: error (stop, naming it) | skip (drop its step)
     max_nonfinite: int = 10  # skip: stop after this many consecutive skipped steps of one net

@@ -13,6 +13,8 @@ from dist_coop.coop.task import NetSpec
 from dist_coop.models.adaptive import AdaptiveNet
 
 EVAL_SPLITS = ("val", "train")  # what a results table can be computed on (``train``: without augmentation)
+# the metric prefix of each split: ``train_eval/acc1/<net>@<s>``, apart from the training loop's ``train/...`` logs
+METRIC_PREFIX = {"val": "val", "train": "train_eval"}
 
 
 @torch.no_grad()
@@ -67,9 +69,10 @@ def results_table(
     """One row per (net, depth): blocks, GFLOPs, params, top-1, top-5, loss; * marks untrained depths.
 
     ``costs`` holds ``cost/{blocks,gflops,params}/<net>@<s>`` as the trainer logs them; ``metrics`` holds
-    ``<split>/{acc1,acc5,loss}/<net>@<s>``, and a split other than ``val`` is named under the table.
+    ``<prefix>/{acc1,acc5,loss}/<net>@<s>`` (``METRIC_PREFIX[split]``), and the train split is named under the table.
     """
     rows = [(spec, s, spec.metric(s)) for spec in specs for s in spec.eval_depths]
+    prefix = METRIC_PREFIX[split]
     # params: 10 wide, wider for nets of 10M+ parameters so the column never runs into GFLOPs
     pw = max([10] + [len(f"{int(costs[f'cost/params/{m}']):,}") + 2 for _, _, m in rows])
     header = f"{'net':<14}{'s':>6}{'blocks':>8}{'GFLOPs':>10}{'params':>{pw}}{'top-1 %':>9}{'top-5 %':>9}{'loss':>9}"
@@ -78,11 +81,11 @@ def results_table(
         mark = "" if s in spec.trained_depths else "*"
         lines.append(
             f"{spec.role or spec.name:<14}{mark:>1}{s:>5g}{int(costs[f'cost/blocks/{m}']):>8}{costs[f'cost/gflops/{m}']:>10.4f}"
-            f"{int(costs[f'cost/params/{m}']):>{pw},}{metrics[f'{split}/acc1/{m}']:>9.2f}{metrics[f'{split}/acc5/{m}']:>9.2f}"
-            f"{metrics[f'{split}/loss/{m}']:>9.3f}"
+            f"{int(costs[f'cost/params/{m}']):>{pw},}{metrics[f'{prefix}/acc1/{m}']:>9.2f}{metrics[f'{prefix}/acc5/{m}']:>9.2f}"
+            f"{metrics[f'{prefix}/loss/{m}']:>9.3f}"
         )
     if any(s not in spec.trained_depths for spec in specs for s in spec.eval_depths):
         lines.append("* no loss term trains this depth: the net truncated, BN statistics recalibrated")
-    if split == "train":
+    if split != "val":
         lines.append("on the training samples, without augmentation (compare with the validation table: the fit gap)")
     return "\n".join(lines)

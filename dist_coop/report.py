@@ -45,6 +45,8 @@ def costs_of(model: ModelConfig, scaling_factors: Sequence[float], spec: NetSpec
 def finish(trainer: Trainer, metrics: dict[str, float]) -> dict[str, Any]:
     """The report of a trained run (every rank calls it); returns the results (metrics and costs on rank 0)."""
     metrics = final_metrics(trainer, metrics)
+    if trainer.cfg.train.eval_train:  # how well each depth fits its training samples, beside val
+        metrics = {**metrics, **trainer.evaluate(split="train")}
     trainer.save()  # the checkpoint holds the recalibrated statistics too
     cfg = trainer.cfg
     local: dict[str, float] = {}
@@ -67,6 +69,8 @@ def finish(trainer: Trainer, metrics: dict[str, float]) -> dict[str, Any]:
     )
     trainer.tracker.log_metrics(trainer.step, {**metrics, **costs})
     table = results_table(trainer.task.specs, metrics, costs)
+    if cfg.train.eval_train:
+        table += "\n\n" + results_table(trainer.task.specs, metrics, costs, split="train")
     trainer.log("\n" + table)
     results_json, results_txt = write_results(trainer.run_dir, results, table)
     curves: dict[str, dict[float, tuple[float, float]]] = {}

@@ -25,7 +25,7 @@ from dist_coop.distributed.comm import LogitExchange, all_reduce_sum, barrier, b
 from dist_coop.distributed.engine import DeepSpeedEngine, TorchEngine, clip_threshold
 from dist_coop.distributed.env import DistInfo
 from dist_coop.distributed.placement import check_engine_support, plan_placement
-from dist_coop.evaluate import evaluate_sums, selected_depths, sums_to_metrics
+from dist_coop.evaluate import EVAL_SPLITS, METRIC_PREFIX, evaluate_sums, selected_depths, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.preempt import Preempted
@@ -345,21 +345,27 @@ class Trainer:
         self.log(f"epoch {(self.step - 1) // self.steps_per_epoch + 1}: " + self.summary(metrics))
         return metrics
 
-    def evaluate(self, which: str = "all") -> dict[str, float]:
-        """Every local net at the selected depths; validation sharded over each net's group, sums all-reduced.
+    def evaluate(self, which: str = "all", split: str = "val") -> dict[str, float]:
+        """Every local net at the selected depths on ``split`` (``val``; ``train``: the training samples without
+        augmentation: ``train_eval/acc1/<net>@<s>``...), sharded over each net's group, sums all-reduced.
 
         Returns the metrics of all nets on global rank 0 (gathered), {} elsewhere.
         """
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
         group_rank = self.placement.net_ranks(self.local_specs[0].name).index(self.dist.rank)
-        val = self.data.val.sharded(group_rank, len(self.placement.net_ranks(self.local_specs[0].name)))
+        batches = self.data.val if split == "val" else self.data.train_eval
+        batches = batches.sharded(group_rank, len(self.placement.net_ranks(self.local_specs[0].name)))
         local: dict[str, float] = {}
         for spec in self.local_specs:
             engine = self.engines[spec.name]
             for s in selected_depths(spec, which):
-                sums = evaluate_sums(engine.module, val.epoch(0), s, self.autocast, forward=engine)
+                sums = evaluate_sums(engine.module, batches.epoch(0), s, self.autocast, forward=engine)
                 sums = all_reduce_sum(sums, self.groups.net.get(spec.name), self.device)
                 for key, value in sums_to_metrics(sums).items():
-                    local[f"val/{key}/{spec.metric(s)}"] = value
+                    local[f"{METRIC_PREFIX[split]}/{key}/{spec.metric(s)}"] = value
+            if split != "val":
+                continue
             # do the gates of blocks only deep sub-nets run collapse toward 0?
             with _whole(gate for stage in engine.module.stage_gates() for gate in stage):
                 local.update({f"val/gate/{spec.name}/{k}": v for k, v in gate_stats(engine.module).items()})
