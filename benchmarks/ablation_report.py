@@ -43,7 +43,7 @@ def _row_summary(row: Row, records: Sequence[Mapping[str, Any]]) -> dict[str, An
     top1 = {d: [r["top1"].get(d) for r in recs] for d in depths}
     gflops = {d: next((r["gflops"][d] for r in recs if r["gflops"].get(d) is not None), None) for d in depths}
     stats = {d: mean_std(v) for d, v in top1.items()}
-    return {
+    out = {
         "seeds": [r["seed"] for r in recs],
         "top1": top1,
         "train_seconds": [r.get("train_seconds") for r in recs],
@@ -52,6 +52,20 @@ def _row_summary(row: Row, records: Sequence[Mapping[str, Any]]) -> dict[str, An
         "mean": {d: m for d, (m, _) in stats.items()},
         "std": {d: s for d, (_, s) in stats.items()},
     }
+    if all("train_top1" in r for r in recs):  # train.eval_train runs: how well each depth fits (fit_summary)
+        out["train_top1"] = {d: [r["train_top1"].get(d) for r in recs] for d in depths}
+    return out
+
+
+def fit_summary(summary: Mapping[str, Any], depth: str) -> tuple[tuple[float | None, float | None], ...]:
+    """(mean, std) over seeds of the training-set top-1 at ``depth``, and of train minus val seed by seed (the
+    generalisation gap); ((None, None),) * 2 where the row's runs did not record it."""
+    train = summary.get("train_top1", {}).get(depth)
+    if not train:
+        return (None, None), (None, None)
+    val = summary["top1"][depth]
+    gaps = [t - v if t is not None and v is not None else None for t, v in zip(train, val, strict=True)]
+    return mean_std(train), mean_std(gaps)
 
 
 def aggregate(spec: Spec, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -91,8 +105,14 @@ def on_seeds(summary: Mapping[str, Any], seeds: Sequence[int]) -> dict[str, Any]
         return None
     top1 = {d: [v[i] for i in keep] for d, v in summary["top1"].items()}
     stats = {d: mean_std(v) for d, v in top1.items()}
+    fit = (
+        {"train_top1": {d: [v[i] for i in keep] for d, v in summary["train_top1"].items()}}
+        if "train_top1" in summary
+        else {}
+    )
     return {
         **summary,
+        **fit,
         "seeds": [summary["seeds"][i] for i in keep],
         "top1": top1,
         "mean": {d: m for d, (m, _) in stats.items()},
@@ -329,6 +349,24 @@ def render_markdown(
         lines += [*_table(header, body), ""]
     else:
         lines += ["None yet.", ""]
+    fitted = {name: r for name, r in {**rungs, **variants}.items() if "train_top1" in r}
+    if fitted:
+        lines += [
+            "## How well each depth fits",
+            "",
+            "The rows run with `train.eval_train`: top-1 % on the training samples without augmentation, and train "
+            "minus val seed by seed (the generalisation gap), `mean ± std` over seeds. A row that fits less than "
+            "another with no smaller gap trails it for want of fit, not of generalisation.",
+            "",
+        ]
+        body = []
+        for name, r in fitted.items():
+            fit = [fit_summary(r, d) for d in depths]
+            body.append(
+                [name, str(len(r["seeds"])), *(_pm(*t) for t, _ in fit), *(_pm(*g, signed=True) for _, g in fit)]
+            )
+        header = ["row", "seeds (n)", *(f"train s={d}" for d in depths), *(f"train − val s={d}" for d in depths)]
+        lines += [*_table(header, body), ""]
     for text in (notes, recipes):
         if text and text.strip():
             lines += [text.rstrip("\n"), ""]

@@ -34,14 +34,18 @@ def _spec_data(**changes):
     return data
 
 
-def _results(net_accs, train_seconds=12.5):
-    """A results.json dict: ``net_accs[net] = [top-1 at each of DEPTHS]``."""
+def _results(net_accs, train_seconds=12.5, fit=None):
+    """A results.json dict: ``net_accs[net] = [top-1 at each of DEPTHS]``; ``fit[net]`` the same on the training
+    samples (``train.eval_train``)."""
     metrics, costs = {}, {}
     for net, accs in net_accs.items():
         for d, acc in zip(DEPTHS, accs):
             metrics[f"val/acc1/{net}@{d}"] = acc
             metrics[f"val/loss/{net}@{d}"] = 1.0
             costs[f"cost/gflops/{net}@{d}"] = 0.01 * float(d)
+    for net, accs in (fit or {}).items():
+        metrics.update({f"train_eval/acc1/{net}@{d}": acc for d, acc in zip(DEPTHS, accs)})
+        metrics.update({f"train_eval/loss/{net}@{d}": 0.5 for d in DEPTHS})
     out = {"step": 10, "metrics": metrics, "costs": costs, "placement": "colocated"}
     if train_seconds is not None:
         out["train_seconds"] = train_seconds
@@ -161,6 +165,35 @@ def test_run_record_reports_teammate_a():
     assert rec["gflops"]["0.5"] == pytest.approx(0.005)
     assert rec["train_seconds"] == 12.5 and rec["wall_seconds"] == 61.2 and rec["step"] == 10
     assert rec["overrides"] == ["--train.seed=0"] and rec["config"] == "configs/ablation/6_full_ctf.yaml"
+
+
+def test_run_record_keeps_the_training_set_accuracy_and_the_report_its_fit_table():
+    spec = ab.parse_spec(_spec_data())
+    jobs = {j.key: j for j in ab.build_jobs(spec)}
+    fit = {"teammate_a": [80, 90, 91, 92], "leader": [1, 2, 3, 95]}
+    rec = ab.run_record(jobs["ctf_s0"], _results({"teammate_a": [70, 72, 73, 75]}, fit=fit), [], 1.0)
+    assert rec["train_top1"] == {"0.25": 80, "0.5": 90, "0.75": 91, "1.0": 92}
+    assert rec["all_train_top1"]["leader@1.0"] == 95 and len(rec["all_train_top1"]) == 8
+    assert "train_top1" not in ab.run_record(jobs["ctf_s1"], _results({"teammate_a": [70] * 4}), [], 1.0)
+    # two seeds with the training-set accuracy: train 80 / 84 at s = 0.25 (mean 82, std sqrt(8)), val 70 / 71,
+    # so the gaps are 10 and 13 (mean 11.5, std sqrt(4.5)); at s = 0.5 train 90 / 84, gaps 18 / 12 (15 ± sqrt(18));
+    # ctf_T4 has none and is not in the fit table
+    recs = [
+        rec,
+        ab.run_record(jobs["ctf_s1"], _results({"teammate_a": [71, 72, 73, 75]}, fit={"teammate_a": [84] * 4}), [], 1),
+        ab.run_record(jobs["ctf_T4_s0"], _results({"teammate_a": [60] * 4}), [], 1.0),
+    ]
+    ladder = rp.aggregate(spec, recs)
+    assert ladder["rungs"]["ctf"]["train_top1"]["0.25"] == [80, 84]
+    (train, gap) = rp.fit_summary(ladder["rungs"]["ctf"], "0.25")
+    assert train == pytest.approx((82.0, math.sqrt(8))) and gap == pytest.approx((11.5, math.sqrt(4.5)))
+    assert rp.fit_summary(ladder["variants"]["ctf_T4"], "0.25") == ((None, None), (None, None))
+    one = rp.on_seeds(ladder["rungs"]["ctf"], [1])
+    assert one["train_top1"]["0.5"] == [84] and rp.fit_summary(one, "0.5")[1] == (12.0, None)
+    md = rp.render_markdown(ladder, rp.check_targets(ladder), generated_by="GEN")
+    assert "## How well each depth fits" in md
+    assert "| ctf | 2 | 82.00 ± 2.83 | 87.00 ± 4.24 |" in md and "| +11.50 ± 2.12 | +15.00 ± 4.24 |" in md
+    assert "| ctf_T4 | 1 |" not in md.split("## How well each depth fits")[1]
 
 
 def test_run_record_independent_and_missing_fields():

@@ -122,7 +122,13 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
     """The real job: train, evaluate every net at every depth, MLflow run with params/metrics/artifacts."""
     import mlflow
 
-    cfg = tiny_config(tmp_path, "--tracking.backend=mlflow", "--data.train_subset=640", "--train.recalibrate_bn=256")
+    cfg = tiny_config(
+        tmp_path,
+        "--tracking.backend=mlflow",
+        "--data.train_subset=640",
+        "--train.recalibrate_bn=256",
+        "--train.eval_train=true",
+    )
     results = run_training(cfg)
     m = results["metrics"]
     for net in ("leader", "teammate_a", "teammate_b"):
@@ -165,6 +171,10 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
         hand = 100.0 * (run.nets["teammate_a"](x).argmax(1) == labels[:640]).float().mean().item()
     (row,) = [r.split() for r in train_table.splitlines() if r.split()[:2] == ["teammate_a", "0.5"]]
     assert float(row[5]) == pytest.approx(hand, abs=0.006)  # the table rounds to 2 decimals
+    # train.eval_train: the run itself recorded the same training-set accuracy, and printed the table too
+    assert m["train_eval/acc1/teammate_a@0.5"] == pytest.approx(hand, abs=1e-3)
+    assert len([k for k in m if k.startswith("train_eval/acc1/")]) == 9  # 3 nets x the tiny config's 3 depths
+    assert train_table.splitlines()[-1] in (run_dir / "results.txt").read_text()
     with pytest.raises(ValueError, match="split must be one of"):
         evaluate_checkpoint(run_dir, "cpu", split="test")
 
