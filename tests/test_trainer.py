@@ -142,6 +142,7 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
         assert (run_dir / name).is_file(), name
     assert (latest_checkpoint(run_dir) / "teammate_a.pt").is_file()
     assert json.loads((run_dir / "results.json").read_text())["step"] == 40
+    first_txt = (run_dir / "results.txt").read_text()  # (the resumed run below writes its own)
     uri = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     (exp,) = [e for e in client.search_experiments() if e.name == "dist_coop"]
@@ -174,7 +175,7 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
     # train.eval_train: the run itself recorded the same training-set accuracy, and printed the table too
     assert m["train_eval/acc1/teammate_a@0.5"] == pytest.approx(hand, abs=1e-3)
     assert len([k for k in m if k.startswith("train_eval/acc1/")]) == 9  # 3 nets x the tiny config's 3 depths
-    assert train_table.splitlines()[-1] in (run_dir / "results.txt").read_text()
+    assert first_txt.count("top-1 %") == 2 and train_table.splitlines()[-1] in first_txt
     with pytest.raises(ValueError, match="split must be one of"):
         evaluate_checkpoint(run_dir, "cpu", split="test")
 
