@@ -128,6 +128,8 @@ class CoopConfig:
     sub_guided: bool = False  # sub-nets also distil from the Leader (beta * KD(z_X^s, z_L))
     sub_ce: bool = True  # sub-nets learn from the labels too; False = in-place distillation (KD only)
     kd_norm: bool = False  # each depth's CE + KD terms divided by the sum of their current weights (a convex mix)
+    # none | correct: every KD term teaches only on the samples its teacher classifies correctly (coop/losses.py)
+    kd_mask: str = "none"
 
     def __post_init__(self) -> None:
         _finite("coop", self)
@@ -142,6 +144,7 @@ class CoopConfig:
         if len(set(self.scaling_factors)) != len(self.scaling_factors):
             raise ValueError(f"coop.scaling_factors has duplicates: {list(self.scaling_factors)}")
         _choice("coop", "teammates", self.teammates, (1, 2))
+        _choice("coop", "kd_mask", self.kd_mask, ("none", "correct"))
         _positive("coop", "temperature", self.temperature)
         for name in ("alpha", "beta", "gamma", "leader_kd", "gate_reg"):
             _positive("coop", name, getattr(self, name), allow_zero=True)

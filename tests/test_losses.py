@@ -24,6 +24,20 @@ def test_kd_golden_values():
     assert kd_loss(teacher, teacher, 3.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_kd_mask_counts_only_the_samples_the_teacher_gets_right():
+    # row 0: the teacher's top class is 0 (p_t = 0.75 / 0.25), KL 0.130812 as above; row 1: its top class is 1
+    s2 = torch.tensor([[0.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    t2 = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]])
+    assert kd_loss(s2, t2, 1.0).item() == pytest.approx(0.130812, abs=1e-6)  # both rows: (2 * KL) / 2
+    # labels 0, 0: the teacher is right on row 0 only; the sum is still divided by the batch (2)
+    masked = kd_loss(s2, t2, 1.0, torch.tensor([0, 0]))
+    assert masked.item() == pytest.approx(0.130812 / 2, abs=1e-6)
+    masked.backward()
+    assert s2.grad[0].abs().sum() > 0 and s2.grad[1].abs().sum() == 0  # a wrong teacher teaches nothing
+    assert kd_loss(s2, t2, 2.0, torch.tensor([0, 1])).item() == pytest.approx(kd_loss(s2, t2, 2.0).item())
+    assert kd_loss(s2, t2, 1.0, torch.tensor([1, 0])).item() == 0.0
+
+
 def test_ce_golden_value_and_label_smoothing():
     z = torch.tensor([[math.log(3.0), 0.0]])
     y = torch.tensor([0])

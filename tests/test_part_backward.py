@@ -42,7 +42,7 @@ def _batch(seed=1, dtype=torch.float64):
 CONFIGS = {
     "ctf": {},
     "ctf_kd_norm_leader_kd": dict(kd_norm=True, leader_kd=0.5),
-    "ctf_sub_guided_gate_reg": dict(sub_guided=True, gate_reg=0.1),
+    "ctf_sub_guided_gate_reg_kd_mask": dict(sub_guided=True, gate_reg=0.1, kd_mask="correct"),
     "ctf_no_sub_ce": dict(sub_ce=False, alpha=0.0),
     "solo": SOLO,
 }

@@ -321,6 +321,28 @@ def test_kd_norm_divides_each_depth_by_its_current_weight_sum():
     assert len(sub_keys) == 3
 
 
+def test_kd_mask_drops_every_kd_term_whose_teacher_is_wrong():
+    # two classes, label 0; each stand-in net has the same logits at every depth (so its self-KD is 0 anyway)
+    z = {n: torch.tensor([[0.0, v]]) for n, v in (("leader", 1.0), ("teammate_a", 0.5), ("teammate_b", -1.0))}
+    nets = {n: _Net(v) for n, v in z.items()}
+    base = dict(scaling_factors=(0.5, 1.0), temperature=1.0, kd_warmup=0.0, peer_warmup=0.0, leader_kd=1.0)
+    plain, masked = CooperativeTask(CoopConfig(**base)), CooperativeTask(CoopConfig(**base, kd_mask="correct"))
+    y = torch.tensor([0])
+    a, b = plain(nets, None, y), masked(nets, None, y)
+    assert set(a) == set(b)
+    # the Leader (top class 1) and Teammate A (top class 1: 0.5 > 0) are wrong, Teammate B (top class 0) is right
+    wrong = {"teammate_a/kd_leader@1.0", "teammate_b/kd_leader@1.0", "teammate_b/kd_peer@1.0",
+             "teammate_b/kd_peer@0.5"}  # fmt: skip
+    for key in a:
+        if key in wrong:
+            assert a[key].item() > 0 and b[key].item() == 0.0, key
+        else:  # CE, and the KD terms whose teacher is right (B's, the Teammates' mean 0 vs -0.25: right)
+            assert b[key].item() == pytest.approx(a[key].item(), rel=1e-6), key
+    assert b["teammate_a/kd_peer@1.0"].item() > 0 and b["leader/kd_team@1.0"].item() > 0
+    with pytest.raises(ValueError, match="kd_mask"):
+        CoopConfig(kd_mask="wrong")
+
+
 def test_peer_warmup_ramps_the_peer_terms_alone():
     z = {n: torch.tensor([[0.0, v]]) for n, v in (("leader", 1.0), ("teammate_a", 0.0), ("teammate_b", -1.0))}
     nets = {n: _Net(v) for n, v in z.items()}

@@ -16,16 +16,25 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) 
     return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
-def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float, target: Tensor | None = None) -> Tensor:
     """KD(s, t) = T^2 * mean_i KL(softmax(t_i / T) || softmax(s_i / T)).
 
     The teacher is detached: the term trains the student only. The T^2 factor keeps the
     gradient scale of the soft term independent of T (Hinton et al. 2015).
+
+    With ``target`` (the labels; ``coop.kd_mask: correct``) a sample counts only where the teacher's
+    top class is its label: KD(s, t) = T^2 * (1/B) sum_i [argmax t_i = y_i] KL_i, the mean still over
+    the whole batch, so a teacher right everywhere gives the plain term and its wrong answers are
+    never copied against the label.
     """
     t = temperature
     log_p_student = F.log_softmax(student.float() / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher.detach().float() / t, dim=-1)
-    return t * t * F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    if target is None:
+        return t * t * F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    per_sample = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+    right = (teacher.detach().argmax(-1) == target).float()
+    return t * t * (per_sample * right).sum() / student.shape[0]
 
 
 def sfsl_weights(scaling_factors: Sequence[float], gamma: float) -> dict[float, float]:

@@ -120,6 +120,7 @@ class CooperativeTask:
                                    + r * KD(z_X^s, z_X) + p * alpha * KD(z_X^s, z_Y)
                                    (+ r * beta * KD(z_X^s, z_L) with coop.sub_guided)]
         Every net with learned gates (coop.gate_reg > 0): + gate_reg * sum_b (g_b - 1)^2.
+        With ``coop.kd_mask: correct`` each KD term counts only the samples its teacher classifies correctly.
         With ``coop.kd_norm`` each depth's CE and KD terms are divided by the sum of their current
         weights (1 + r * alpha + r * beta at s = 1; the bracket's weights at s < 1, w(s) kept), so a
         depth's gradient is that of one CE term toward a convex mix of the label and its teachers.
@@ -134,6 +135,7 @@ class CooperativeTask:
     ) -> dict[str, Tensor]:
         """Net ``name``'s terms at s = 1 (``net_terms``), ``z`` its full-depth logits."""
         c, t, r, p = self.cfg, self.cfg.temperature, self.kd_scale, self.peer_scale
+        m = y if c.kd_mask == "correct" else None  # KD only where the teacher is right
         terms = {term_name(name, "ce", 1.0): cross_entropy(z, y, self.label_smoothing)}
         if c.gate_reg > 0:
             gates = [g for stage in net.stage_gates() for g in stage]
@@ -142,28 +144,31 @@ class CooperativeTask:
         if name == LEADER:
             teammates = [soft[n] for n in (TEAMMATE_A, TEAMMATE_B) if n in soft]
             if c.leader_kd > 0 and teammates:
-                terms[term_name(name, "kd_team", 1.0)] = r * c.leader_kd * kd_loss(z, torch.stack(teammates).mean(0), t)
+                terms[term_name(name, "kd_team", 1.0)] = (
+                    r * c.leader_kd * kd_loss(z, torch.stack(teammates).mean(0), t, m)
+                )
             return self._normalised(name, terms) if c.kd_norm else terms
         peer = self.peer(name)
         if peer is not None and c.alpha > 0:
-            terms[term_name(name, "kd_peer", 1.0)] = p * c.alpha * kd_loss(z, soft[peer], t)
+            terms[term_name(name, "kd_peer", 1.0)] = p * c.alpha * kd_loss(z, soft[peer], t, m)
         if c.leader and c.beta > 0:
-            terms[term_name(name, "kd_leader", 1.0)] = r * c.beta * kd_loss(z, soft[LEADER], t)
+            terms[term_name(name, "kd_leader", 1.0)] = r * c.beta * kd_loss(z, soft[LEADER], t, m)
         return self._normalised(name, terms) if c.kd_norm else terms
 
     def sub_terms(self, name: str, s: float, zs: Tensor, y: Tensor, soft: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Teammate ``name``'s terms at depth s < 1 (``net_terms``), ``zs`` its logits there."""
         c, t, r, p = self.cfg, self.cfg.temperature, self.kd_scale, self.peer_scale
+        m = y if c.kd_mask == "correct" else None
         peer, w = self.peer(name), self.weights[s]
         terms: dict[str, Tensor] = {}
         if c.sub_ce:
             terms[term_name(name, "ce", s)] = w * cross_entropy(zs, y, self.label_smoothing)
         if c.self_kd:
-            terms[term_name(name, "kd_self", s)] = w * r * kd_loss(zs, soft[name], t)
+            terms[term_name(name, "kd_self", s)] = w * r * kd_loss(zs, soft[name], t, m)
         if peer is not None and c.alpha > 0:
-            terms[term_name(name, "kd_peer", s)] = w * p * c.alpha * kd_loss(zs, soft[peer], t)
+            terms[term_name(name, "kd_peer", s)] = w * p * c.alpha * kd_loss(zs, soft[peer], t, m)
         if c.sub_guided and c.leader and c.beta > 0:
-            terms[term_name(name, "kd_leader", s)] = w * r * c.beta * kd_loss(zs, soft[LEADER], t)
+            terms[term_name(name, "kd_leader", s)] = w * r * c.beta * kd_loss(zs, soft[LEADER], t, m)
         return self._normalised(name, terms) if c.kd_norm else terms
 
     def depth_weight_sum(self, name: str, s: float) -> float:
