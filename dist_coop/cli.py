@@ -15,7 +15,7 @@ import torch
 from dist_coop.config import Config, load_config
 from dist_coop.data import Data, build_data
 from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed, peer_failure
-from dist_coop.evaluate import EVAL_SPLITS, METRIC_PREFIX, evaluate_sums, results_table, sums_to_metrics
+from dist_coop.evaluate import EVAL_SPLITS, METRIC_PREFIX, evaluate_sums, results_table, split_batches, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
 from dist_coop.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopSignal, interrupted
@@ -97,14 +97,12 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", split: str = "va
     """Every net of a run folder's latest checkpoint (or of a checkpoint folder) at every depth, on its config's
     validation data (``split="val"``) or on its training samples without augmentation (``"train"``: next to
     ``val``, how well the nets fit what they were trained on); returns the results table."""
-    if split not in EVAL_SPLITS:
-        raise ValueError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
     run = load_run(path, require_device(device, "--device"))
     cfg = run.config
     data = build_data(cfg.data, seed=cfg.train.seed, device=run.device)
     amp = None if cfg.dist.engine == "deepspeed" else resolve_amp(cfg.optim.amp, run.device)
     autocast = (lambda: torch.autocast(run.device.type, dtype=amp)) if amp is not None else None
-    batches = data.val if split == "val" else data.train_eval
+    batches = split_batches(data, split)
     metrics, costs = {}, {}
     for spec in run.specs:
         net = run.nets[spec.name]

@@ -10,11 +10,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dist_coop.coop.task import NetSpec
+from dist_coop.data import Data
+from dist_coop.data.batches import Batches
 from dist_coop.models.adaptive import AdaptiveNet
 
 EVAL_SPLITS = ("val", "train")  # what a results table can be computed on (``train``: without augmentation)
 # the metric prefix of each split: ``train_eval/acc1/<net>@<s>``, apart from the training loop's ``train/...`` logs
 METRIC_PREFIX = {"val": "val", "train": "train_eval"}
+
+
+def split_batches(data: Data, split: str) -> Batches:
+    """The batches of ``split``: the validation set, or the training samples without augmentation, in order."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
+    return data.val if split == "val" else data.train_eval
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from dist_coop.distributed.comm import LogitExchange, all_reduce_sum, barrier, b
 from dist_coop.distributed.engine import DeepSpeedEngine, TorchEngine, clip_threshold
 from dist_coop.distributed.env import DistInfo
 from dist_coop.distributed.placement import check_engine_support, plan_placement
-from dist_coop.evaluate import EVAL_SPLITS, METRIC_PREFIX, evaluate_sums, selected_depths, sums_to_metrics
+from dist_coop.evaluate import METRIC_PREFIX, evaluate_sums, selected_depths, split_batches, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.preempt import Preempted
@@ -351,10 +351,8 @@ class Trainer:
 
         Returns the metrics of all nets on global rank 0 (gathered), {} elsewhere.
         """
-        if split not in EVAL_SPLITS:
-            raise ValueError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
         group_rank = self.placement.net_ranks(self.local_specs[0].name).index(self.dist.rank)
-        batches = self.data.val if split == "val" else self.data.train_eval
+        batches = split_batches(self.data, split)
         batches = batches.sharded(group_rank, len(self.placement.net_ranks(self.local_specs[0].name)))
         local: dict[str, float] = {}
         for spec in self.local_specs:
