@@ -86,7 +86,7 @@ def aggregate(spec: Spec, records: Sequence[Mapping[str, Any]]) -> dict[str, Any
             continue
         summary = _row_summary(row, recs)
         if row.rung is not None:
-            out["rungs"][row.name] = summary
+            out["rungs"][row.name] = {"config": row.config, **summary}
         else:
             out["variants"][row.name] = {
                 "config": row.config,
@@ -184,7 +184,8 @@ def check_targets(ladder: Mapping[str, Any]) -> list[Target]:
 
 def closest(ladder: Mapping[str, Any], min_seeds: int = 3) -> tuple[str, dict[str, float], list[Target]] | None:
     """The cooperative row (rung or variant, >= ``min_seeds`` seeds) whose worst depth is nearest the nets trained
-    alone: the largest min over depths of (its mean - ``independent``'s mean on the same seeds).
+    alone: the largest min over depths of (its mean - ``independent``'s mean on the same seeds). A variant made
+    with the config of the ``independent`` or ``full_only`` rung (a rerun of a baseline) is not a candidate.
 
     Returns its name, those differences, and the three targets checked for it against ``independent`` and
     ``full_only`` on its seeds; None without ``independent`` or without such a row.
@@ -193,9 +194,10 @@ def closest(ladder: Mapping[str, Any], min_seeds: int = 3) -> tuple[str, dict[st
     if "independent" not in rungs:
         return None
     rows = {**rungs, **ladder.get("variants", {})}
+    baselines = {rungs[r].get("config") for r in ("independent", "full_only") if r in rungs} - {None}
     best: tuple[float, str, dict[str, float]] | None = None
     for name, row in rows.items():
-        if name in ("independent", "full_only") or len(row["seeds"]) < min_seeds:
+        if name in ("independent", "full_only") or row.get("config") in baselines or len(row["seeds"]) < min_seeds:
             continue
         ind = on_seeds(rungs["independent"], row["seeds"])
         if ind is None or len(ind["seeds"]) < len(row["seeds"]):

@@ -283,8 +283,11 @@ def test_closest_configuration_by_hand():
             "near": _summary([0, 1, 2], [[81, 86, 86.5, 86.8]] * 3),  # -0 / 0 / +0.5 / -0.2: worst -0.2
             "two_seeds": _summary([0, 1], [[99, 99, 99, 99]] * 2),  # fewer than 3 seeds: not a candidate
             "far": _summary([0, 1, 3], [[80, 85, 85, 85]] * 3),  # compared with independent on seeds 0, 1, 3
+            # a rerun of the baseline (the independent rung's config) is level with it: never the closest
+            "independent_rerun": {**_summary([0, 1, 2], [[82, 87, 87, 88]] * 3), "config": "c/independent.yaml"},
         },
     }
+    ind["config"] = "c/independent.yaml"
     name, diffs, targets = rp.closest(ladder)
     assert name == "near"
     # independent on seeds 0-2: 81 / 86 / 86 / 87 (seed 3 left out)
