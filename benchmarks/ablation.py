@@ -36,7 +36,7 @@ import yaml
 from ablation_report import RUNGS, aggregate, check_targets, plot_ladder, render_markdown
 
 REPORTED_NETS = ("teammate_a", "independent")  # the first one a run has is the one reported
-SPEC_KEYS = ("command", "schedule", "seeds", "rungs", "variants")
+SPEC_KEYS = ("command", "schedule", "seeds", "rungs", "variants", "other_ladders")
 VARIANT_KEYS = ("name", "config", "overrides", "seeds", "note", "against")
 TAIL_LINES = 40
 
@@ -63,6 +63,7 @@ class Spec:
     schedule: dict[str, Any]
     seeds: tuple[int, ...]
     rows: tuple[Row, ...]
+    other_ladders: tuple[str, ...] = ()  # docs folders of other ladders whose targets the report states too
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -169,7 +170,10 @@ def parse_spec(data: Any, sets: Mapping[str, Any] | None = None) -> Spec:
                 note=note,
             )
         )
-    return Spec(command=command, schedule=schedule, seeds=seeds, rows=tuple(rows))
+    others = data.get("other_ladders") or []
+    if not isinstance(others, list) or any(not isinstance(o, str) or not o for o in others):
+        raise ValueError(f"other_ladders must be a list of docs folders (such as docs/1k), got {others!r}")
+    return Spec(command=command, schedule=schedule, seeds=seeds, rows=tuple(rows), other_ladders=tuple(others))
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -385,6 +389,16 @@ def report(spec: Spec, results_dir: str | Path, docs_dir: str | Path, generated_
     warnings = [f"{len(old)} run(s) were made with another config or schedule than the spec: {', '.join(old)}"] * bool(
         old
     )
+    others = []
+    for folder in spec.other_ladders:
+        path = Path(folder) / "results" / "ladder.json"
+        if Path(folder).resolve() == docs.resolve():
+            continue
+        if not path.is_file():
+            warnings.append(f"other_ladders: {path} does not exist (run that ladder's sweep)")
+            continue
+        link = Path(os.path.relpath(Path(folder) / "RESULTS.md", docs)).as_posix()
+        others.append((link, json.loads(path.read_text())))
     extra = {
         n: (docs / "results" / n).read_text() if (docs / "results" / n).is_file() else None
         for n in ("notes.md", "recipes.md")
@@ -398,6 +412,7 @@ def report(spec: Spec, results_dir: str | Path, docs_dir: str | Path, generated_
         recipes=extra["recipes.md"],
         warnings=warnings,
         notes_path=(docs / "results" / "notes.md").as_posix(),
+        others=others,
     )
     tmp = docs / ".RESULTS.md.tmp"
     tmp.write_text(text)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the spec's classes; this module only reads their fields
     from ablation import Row, Spec
 
 RUNGS = ("independent", "full_only", "self_learning", "sfsl", "interactive", "ctf")
+EVAL_ONLY = ("train.eval_every", "train.eval_train")  # schedule keys that change what is measured, not the training
 RUNG_TITLES = {
     "independent": "one net per depth, trained alone",
     "full_only": "full net only, truncated at inference, BN recalibrated",
@@ -215,6 +216,23 @@ def closest(ladder: Mapping[str, Any], min_seeds: int = 3) -> tuple[str, dict[st
     return name, diffs, targets
 
 
+def regime_row(ladder: Mapping[str, Any]) -> dict[str, Any]:
+    """One ladder's line in the table of every ladder: its schedule, CTF's seeds, CTF Teammate A minus the nets
+    trained alone per depth and minus the plain net at s=1 (differences of the means, as the targets use them),
+    and its three targets."""
+    rungs = ladder["rungs"]
+    ctf, ind, full = (rungs.get(r) for r in ("ctf", "independent", "full_only"))
+    vs_ind = {d: ctf["mean"][d] - ind["mean"][d] for d in ctf["mean"] if d in ind["mean"]} if ctf and ind else {}
+    vs_full = ctf["mean"]["1.0"] - full["mean"]["1.0"] if ctf and full and "1.0" in ctf["mean"] else None
+    return {
+        "schedule": ladder["schedule"],
+        "seeds": len(ctf["seeds"]) if ctf else 0,
+        "vs_independent": vs_ind,
+        "vs_plain": vs_full,
+        "targets": check_targets(ladder),
+    }
+
+
 # ---------------------------------------------------------------------------------------------- markdown
 
 
@@ -223,6 +241,10 @@ def _pm(mean: float | None, std: float | None, signed: bool = False) -> str:
     if mean is None:
         return "—"
     return (f"{mean:+.2f}" if signed else f"{mean:.2f}") + (f" ± {std:.2f}" if std is not None else " ± —")
+
+
+def _signed(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.2f}"
 
 
 def _minutes(summary: Mapping[str, Any]) -> str:
@@ -251,9 +273,11 @@ def render_markdown(
     recipes: str | None = None,
     warnings: Sequence[str] = (),
     notes_path: str = "docs/results/notes.md",
+    others: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> str:
     """docs/RESULTS.md from ladder.json's content (pure: no file is read here); ``notes_path`` is where the
-    hand-written discussion it inserts lives."""
+    hand-written discussion it inserts lives; ``others`` are (link to its page, ladder) of the spec's other
+    ladders, whose targets are stated beside this one's."""
     rungs, variants = ladder["rungs"], ladder.get("variants", {})
     depths = _depths([*rungs.values(), *variants.values()])
     schedule = (
@@ -298,6 +322,29 @@ def render_markdown(
             + ".",
             "",
         ]
+    if others:
+        lines += [
+            "**The same targets on the other ladders** (the same rungs on another schedule, each page made by its "
+            "own sweep; CTF Teammate A minus the nets trained alone and minus the plain net, differences of the "
+            "means over the seeds each page has):",
+            "",
+        ]
+        header = ["ladder", "schedule", "CTF seeds", *(f"A − alone s={d}" for d in depths), "A − plain s=1", "targets"]
+        body = []
+        for link, other in [("this page", ladder), *((f"[{p}]({p})", o) for p, o in others)]:
+            row = regime_row(other)
+            sched = ", ".join(f"`{k}={v}`" for k, v in row["schedule"].items() if k not in EVAL_ONLY)
+            body.append(
+                [
+                    link,
+                    sched or "—",
+                    str(row["seeds"]),
+                    *(_signed(row["vs_independent"].get(d)) for d in depths),
+                    _signed(row["vs_plain"]),
+                    ", ".join(f"({t.label}) {t.verdict}" for t in row["targets"]),
+                ]
+            )
+        lines += [*_table(header, body), ""]
     lines += [line for w in warnings for line in (f"**Warning:** {w}", "")]
 
     lines += ["## The ladder", ""]

@@ -96,6 +96,7 @@ def test_set_overrides_schedule():
         ({"variants": [{"name": "ctf", "config": "a.yaml"}]}, "variants.ctf: the name is already used"),
         ({"variants": [{"name": "a b", "config": "a.yaml"}]}, r"variants\[0\].name must be"),
         ({"variants": [{"name": "v", "config": "a.yaml", "overrides": {"coop.t": {"x": 1}}}]}, "scalar or a list"),
+        ({"other_ladders": "docs/1k"}, "other_ladders must be a list of docs folders"),
     ],
 )
 def test_spec_errors_name_the_field(changes, match):
@@ -334,6 +335,36 @@ def test_report_writes_the_three_files(tmp_path):
     md = (docs / "RESULTS.md").read_text()
     assert "## Discussion\nhand-written" in md and "| ctf_T4 | T=4 | 1 | 69.00 ± — |" in md
     assert (docs / "results" / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_states_the_targets_of_the_other_ladders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, other = _ladder([[72, 74, 76, 79.6]] * 2, [[60, 70, 75, 79]], full_accs=[[30, 60, 77, 80]])
+    other["schedule"] = {"data.train_subset": 1000, "train.epochs": 64, "train.eval_train": True}
+    (tmp_path / "docs" / "1k" / "results").mkdir(parents=True)
+    ab.write_json(tmp_path / "docs" / "1k" / "results" / "ladder.json", other)
+    spec = ab.parse_spec({**_spec_data(), "other_ladders": ["docs/1k", "docs/missing", "docs"]})
+    jobs = {j.key: j for j in ab.build_jobs(spec)}
+    runs = tmp_path / "runs"
+    for key, net, accs in (
+        ("ctf_s0", "teammate_a", [70, 72, 73, 74]),
+        ("independent_s0", "independent", [60, 75, 70, 75]),
+    ):
+        ab.write_json(ab.record_path(runs, jobs[key]), ab.run_record(jobs[key], _results({net: accs}), [], 30.0))
+    ab.report(spec, runs, "docs", "GEN")
+    md = (tmp_path / "docs" / "RESULTS.md").read_text()
+    # this page first (70-60, 72-75, 73-70, 74-75; no full_only), then the other one by hand: 72-60, 74-70, 76-75,
+    # 79.6-79 and 79.6-80 against the plain net; "docs" itself is not listed twice; eval-only keys are left out
+    assert (
+        "| this page | `train.epochs=6`, `data.train_subset=8000` | 1 | +10.00 | -3.00 | +3.00 | -1.00 | — | "
+        "(a) not checked, (b) NOT met, (c) met |" in md
+    )
+    assert (
+        "| [1k/RESULTS.md](1k/RESULTS.md) | `data.train_subset=1000`, `train.epochs=64` | 2 | +12.00 | +4.00 | "
+        "+1.00 | +0.60 | -0.40 | (a) met, (b) met, (c) met |" in md
+    )
+    assert md.count("| this page |") == 1 and "docs/missing/results/ladder.json does not exist" in md
+    assert md.index("The same targets on the other ladders") < md.index("## The ladder")
 
 
 # ------------------------------------------------------------------ end to end
