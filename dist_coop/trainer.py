@@ -21,7 +21,14 @@ from tqdm import tqdm
 from dist_coop.config import Config
 from dist_coop.coop.task import NetSpec, build_task, net_of
 from dist_coop.data import Data
-from dist_coop.distributed.comm import LogitExchange, all_reduce_sum, barrier, build_groups, gather_to_main
+from dist_coop.distributed.comm import (
+    LogitExchange,
+    all_reduce_sum,
+    average_buffers,
+    barrier,
+    build_groups,
+    gather_to_main,
+)
 from dist_coop.distributed.engine import DeepSpeedEngine, TorchEngine, clip_threshold
 from dist_coop.distributed.env import DistInfo
 from dist_coop.distributed.placement import check_engine_support, plan_placement
@@ -357,6 +364,7 @@ class Trainer:
         local: dict[str, float] = {}
         for spec in self.local_specs:
             engine = self.engines[spec.name]
+            average_buffers(engine.module, self.groups.net.get(spec.name))  # one model measured, the one saved
             for s in selected_depths(spec, which):
                 sums = evaluate_sums(engine.module, batches.epoch(0), s, self.autocast, forward=engine)
                 sums = all_reduce_sum(sums, self.groups.net.get(spec.name), self.device)

@@ -105,6 +105,25 @@ def all_reduce_sum(values: list[float], group: Any, device: torch.device) -> lis
     return t.tolist()
 
 
+def average_buffers(module: torch.nn.Module, group: Any) -> None:
+    """Average ``module``'s floating-point buffers (BN running statistics) over ``group``, in place (no-op
+    without one). Each replica of a net gathers BN statistics on its own shard of the data; averaged, every
+    replica holds the same ones, so a sharded evaluation measures one model: the one that is saved."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    with torch.no_grad():
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def barrier(info: DistInfo) -> None:
     if info.initialized:
         dist.barrier()
