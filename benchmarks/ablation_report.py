@@ -222,8 +222,8 @@ def regime_row(ladder: Mapping[str, Any]) -> dict[str, Any]:
     and its three targets."""
     rungs = ladder["rungs"]
     ctf, ind, full = (rungs.get(r) for r in ("ctf", "independent", "full_only"))
-    vs_ind = {d: ctf["mean"][d] - ind["mean"][d] for d in ctf["mean"] if d in ind["mean"]} if ctf and ind else {}
-    vs_full = ctf["mean"]["1.0"] - full["mean"]["1.0"] if ctf and full and "1.0" in ctf["mean"] else None
+    vs_ind = {d: difference(ctf, ind, d)[0] for d in ctf["mean"]} if ctf and ind else {}
+    vs_full = difference(ctf, full, "1.0")[0] if ctf and full else None
     return {
         "schedule": ladder["schedule"],
         "seeds": len(ctf["seeds"]) if ctf else 0,

@@ -5,7 +5,7 @@ Every helper is a no-op at world size 1 (no process group).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -105,6 +105,18 @@ def all_reduce_sum(values: list[float], group: Any, device: torch.device) -> lis
     return t.tolist()
 
 
+def average_in_place(tensors: Sequence[Tensor], group: Any) -> None:
+    """Replace each tensor by its mean over ``group``: one all-reduce of them all, flattened."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    with torch.no_grad():
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def average_buffers(module: torch.nn.Module, group: Any) -> None:
     """Average ``module``'s floating-point buffers (BN running statistics) over ``group``, in place (no-op
     without one). Each replica of a net gathers BN statistics on its own shard of the data; averaged, every
@@ -112,16 +124,8 @@ def average_buffers(module: torch.nn.Module, group: Any) -> None:
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    with torch.no_grad():
-        offset = 0
-        for b in buffers:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+    if buffers:
+        average_in_place(buffers, group)
 
 
 def barrier(info: DistInfo) -> None:

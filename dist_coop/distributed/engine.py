@@ -26,6 +26,7 @@ from torch import Tensor
 
 from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.config import DistConfig, OptimConfig
+from dist_coop.distributed.comm import average_in_place
 from dist_coop.distributed.env import ignore_deepspeed_deprecations
 from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.optim import Depths, build_optimizer, build_scheduler
@@ -137,13 +138,7 @@ class TorchEngine(_NetAccess):
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         if self.group_size == 1 or not grads:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.group)
-        flat /= self.group_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        average_in_place(grads, self.group)
 
     def clip_grads(self) -> Tensor | None:
         """Average over the group, unscale and clip; returns the norm before clipping (on device, no sync).
