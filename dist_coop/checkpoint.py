@@ -3,7 +3,8 @@
 A checkpoint is one dict of tensors and plain Python values: every net's state dict, every
 optimizer / scheduler state, the trainer position (step, epoch, batch within the epoch), RNG
 states and the resolved config. It is written to a temporary file in the same folder and
-renamed over the target, so a crash mid-write never leaves a half-written checkpoint.
+renamed over the target, so a crash mid-write never leaves a half-written checkpoint; the file and the folder
+are flushed to disk before it counts as written.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dist_coop.durable import fsync_dir
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -29,6 +32,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself survives a power cut
     return path
 
 

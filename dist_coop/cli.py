@@ -14,14 +14,18 @@ import torch
 
 from dist_coop.config import Config, load_config
 from dist_coop.data import Data, build_data
+from dist_coop.distributed.comm import broadcast_text
 from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed, peer_failure
+from dist_coop.durable import DiskFullError, disk_full_line, is_disk_full
 from dist_coop.evaluate import EVAL_SPLITS, METRIC_PREFIX, evaluate_sums, results_table, split_batches, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
 from dist_coop.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopSignal, interrupted
 from dist_coop.report import finish
 from dist_coop.run import TrainerState, load_run, prepare_run_dir, require_device, resolve_resume
-from dist_coop.track import FAILED, FINISHED, KILLED, Tracker, build_tracker, error_line
+from dist_coop.run import run_dir as run_dir_of_config
+from dist_coop.runlock import RunLock
+from dist_coop.track import FAILED, FINISHED, KILLED, Tracker, TrackingError, build_tracker, error_line
 from dist_coop.trainer import Trainer, resolve_amp
 
 
@@ -40,11 +44,11 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
         )
     # SIGTERM: every rank stops at the next step boundary, saves and raises Preempted (dist_coop/preempt.py)
     with StopSignal() as stop:
+        lock = None
         try:
-            run_dir = prepare_run_dir(cfg, info.is_main)
+            lock, run_dir, resume = claim_run_folder(cfg, info)
             data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
             _check_data_matches_model(cfg, data)
-            resume = resolve_resume(cfg.train.resume, run_dir)
             run_id = TrainerState.load(resume).mlflow_run_id if resume else ""
             tracker = build_tracker(
                 cfg.tracking,
@@ -54,10 +58,18 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
                 enabled=info.is_main,
             )
             try:
-                trainer = Trainer(cfg, data, run_dir=run_dir, dist=info, tracker=tracker, stop_requested=stop.requested)
+                trainer = Trainer(
+                    cfg,
+                    data,
+                    run_dir=run_dir,
+                    dist=info,
+                    tracker=tracker,
+                    stop_requested=stop.requested,
+                    data_shards=TrainerState.load(resume).data_shards if resume else None,
+                )
                 if resume:
                     trainer.resume(resume)
-                tracker.log_params(cfg.flat())
+                tracker.log_params({**cfg.flat(), **trainer.launch_params()})
                 results = finish(trainer, trainer.train())
             except BaseException as e:
                 end_run(tracker, e)
@@ -67,8 +79,34 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
                 print(f"MLflow run {tracker.run_id} in {tracker.uri}; browse it with: dist-coop ui {run_dir}")
             return results
         finally:
+            if lock is not None:
+                lock.release()
             if own_group:
                 close_distributed(info)
+
+
+def claim_run_folder(cfg: Config, info: DistInfo) -> tuple[RunLock | None, Path, Path | None]:
+    """The rank that writes locks the run folder for the run's life and checks that this run may write there
+    (``prepare_run_dir``); a refusal is raised alike on every rank. Returns the lock (that rank's), the folder
+    and the checkpoint to resume from."""
+    folder, lock, error = run_dir_of_config(cfg.train), None, ""
+    if info.is_main:
+        try:
+            lock = RunLock(folder).acquire()
+            if lock.taken_over:
+                print(
+                    f"dist-coop: warning: taking over the lock of {folder} left by {lock.taken_over}, which is gone",
+                    file=sys.stderr,
+                )
+            prepare_run_dir(cfg, True, resolve_resume(cfg.train.resume, folder))
+        except (ValueError, OSError) as e:  # the other ranks wait for this answer: never leave them without one
+            error = str(e) if isinstance(e, ValueError) else f"cannot use the run folder {folder}: {e.strerror or e}"
+            if lock is not None:
+                lock.release()
+    error = broadcast_text(error, info)
+    if error:
+        raise ValueError(error)
+    return lock, folder, resolve_resume(cfg.train.resume, folder)
 
 
 def end_run(tracker: Tracker, error: BaseException | None = None) -> None:
@@ -83,6 +121,22 @@ def end_run(tracker: Tracker, error: BaseException | None = None) -> None:
         if error is None:
             raise
         print(f"dist-coop: could not close the tracker's run as {status}: {e}", file=sys.stderr)
+
+
+def disk_full_error_line(error: BaseException) -> str:
+    """``no space left on device writing <file> (the disk at <mount> ...)`` for a full disk met anywhere."""
+    name = next((e.filename for e in _chain(error) if isinstance(e, OSError) and e.filename), None)
+    where = f" writing {name}" if name else ""
+    disk = f" ({disk_full_line(name)})" if name else ""
+    return f"no space left on device{where}{disk}; free space and run the command again"
+
+
+def _chain(error: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while error is not None and error not in out:
+        out.append(error)
+        error = error.__cause__ or error.__context__
+    return out
 
 
 def _check_data_matches_model(cfg: Config, data: Data) -> None:
@@ -150,7 +204,9 @@ def write_shards_command(args: argparse.Namespace) -> None:
         notes += [f"{len(info['skipped'])} unreadable file(s) skipped"] if info["skipped"] else []
         notes += [f"image sizes {', '.join(info['sizes'])}"] if len(info["sizes"]) > 1 else []
         print(f"{split}: {info['count']} samples in {len(info['shards'])} shard(s)" + "".join(f"; {n}" for n in notes))
-    print(f"{len(index['classes'])} classes, mode {index['mode']}; index: {Path(args.out) / 'index.json'}")
+    hidden = index.get("hidden_files", 0)
+    passed = f"; {hidden} hidden file(s) passed over (names starting with '.', __MACOSX)" if hidden else ""
+    print(f"{len(index['classes'])} classes, mode {index['mode']}{passed}; index: {Path(args.out) / 'index.json'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,13 +297,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"dist-coop: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteError) else 2
+    except (DiskFullError, TrackingError) as e:  # a full disk, an MLflow store that failed: one line naming it
+        if args.debug:
+            traceback.print_exc()
+        print(f"dist-coop: error: {e}", file=sys.stderr)
+        return 1
     except Preempted as e:
         print(f"dist-coop: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("dist-coop: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # a peer gone or stalled past dist.timeout_s: one line too, also for `dist-coop train`
+    except Exception as e:  # a full disk, or a peer gone or stalled past dist.timeout_s: one line too
+        if is_disk_full(e) and not args.debug:
+            print(f"dist-coop: error: {disk_full_error_line(e)}", file=sys.stderr)
+            return 1
         line = peer_failure(e, int(os.environ.get("RANK", "0")))
         if line is None or args.debug:
             raise

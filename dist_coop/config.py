@@ -248,6 +248,9 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     checkpoint_every: int = 0  # steps; 0 = at each epoch end only
     resume: str = ""  # "" = start fresh, "auto" = latest checkpoint of this run if any, or a checkpoint folder
+    # a fresh run (or a resume from an earlier checkpoint) in a run folder that holds later checkpoints is refused;
+    # true: the earlier run's files are moved aside to <run>.replaced-<time> first
+    overwrite: bool = False
     recalibrate_bn: int = 0  # after training, recompute each depth's BN statistics on N samples
     # after training, also evaluate every net at every depth on its training samples without augmentation
     # (train_eval/acc1/<net>@<s> in results.json beside val/...: how well each depth fits, the fit gap)
@@ -307,10 +310,14 @@ class TrackingConfig:
     backend: str = "mlflow"  # mlflow | none
     uri: str = ""  # "" = sqlite:///<train.out_dir>/mlflow.db
     experiment: str = "dist_coop"
+    # the final checkpoint in MLflow: reference (a tag and checkpoint.txt naming its folder) | weights (each net's
+    # weights, once, no optimizer state) | none; its files stay in the run folder (dist.keep_checkpoints)
+    log_checkpoint: str = "reference"
 
     def __post_init__(self) -> None:
         _finite("tracking", self)
         _choice("tracking", "backend", self.backend, ("mlflow", "none"))
+        _choice("tracking", "log_checkpoint", self.log_checkpoint, ("reference", "weights", "none"))  # track.base
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -81,5 +81,5 @@ def finish(trainer: Trainer, metrics: dict[str, float]) -> dict[str, Any]:
     plot = plot_accuracy_vs_flops(curves, trainer.run_dir / PLOT, cfg.train.run_name)
     for path in (trainer.run_dir / CONFIG, results_txt, results_json, plot):
         trainer.tracker.log_artifact(path)
-    trainer.tracker.log_artifact(latest_checkpoint(trainer.run_dir))
+    trainer.tracker.log_checkpoint(latest_checkpoint(trainer.run_dir))  # as tracking.log_checkpoint says
     return results

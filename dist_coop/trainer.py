@@ -10,6 +10,7 @@ after the last step (recalibration, final evaluation, costs, results) in ``repor
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,9 +22,11 @@ from tqdm import tqdm
 from dist_coop.config import Config
 from dist_coop.coop.task import NetSpec, build_task, net_of
 from dist_coop.data import Data
+from dist_coop.data.batches import virtual_shards
 from dist_coop.distributed.comm import (
     LogitExchange,
     all_reduce_sum,
+    all_reduce_world,
     average_buffers,
     barrier,
     build_groups,
@@ -32,12 +35,22 @@ from dist_coop.distributed.comm import (
 from dist_coop.distributed.engine import DeepSpeedEngine, TorchEngine, clip_threshold
 from dist_coop.distributed.env import DistInfo
 from dist_coop.distributed.placement import check_engine_support, plan_placement
+from dist_coop.distributed.resize import check_data_shards, launch_params, layout_of, resume_line
+from dist_coop.durable import DiskFullError, disk_full_line, fsync_tree, is_disk_full
 from dist_coop.evaluate import METRIC_PREFIX, evaluate_sums, selected_depths, split_batches, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
 from dist_coop.preempt import Preempted
 from dist_coop.protocols import Engine
-from dist_coop.run import Inputs, TrainerState, checkpoint_dir, latest_checkpoint, mark_latest
+from dist_coop.run import (
+    CHECKPOINTS,
+    Inputs,
+    TrainerState,
+    checkpoint_dir,
+    latest_checkpoint,
+    publish_checkpoint,
+    staging_dir,
+)
 from dist_coop.track import NullTracker, Tracker
 
 
@@ -129,8 +142,14 @@ class Trainer:
         dist: DistInfo | None = None,
         tracker: Tracker | None = None,
         stop_requested: Callable[[], bool] = lambda: False,
+        data_shards: int | None = None,
     ) -> None:
-        """``stop_requested``: has this process been asked to stop (SIGTERM)? Read once per step."""
+        """``stop_requested``: has this process been asked to stop (SIGTERM)? Read once per step.
+
+        ``data_shards``: the run's virtual data shards, from the checkpoint it resumes (``TrainerState.data_shards``);
+        None or 0 for a fresh run (or a checkpoint that did not keep them): this launch's exchange groups. Each
+        exchange group reads an equal share of them, one batch of each per step (``virtual_shards``).
+        """
         self.cfg, self.dist = cfg, dist or DistInfo()
         self.device = self.dist.device
         self.run_dir = Path(run_dir)
@@ -143,7 +162,10 @@ class Trainer:
         self.part_backward = cfg.part_backward()  # train.backward: each net's loss in parts, or summed
         self.local_specs = [s for s in self.task.specs if s.name in self.placement.nets_of(self.dist.rank)]
         shard = self.placement.exchange_index(self.dist.rank)
-        self.train_data = data.train.sharded(shard, self.placement.num_shards)
+        self.data_shards = data_shards or self.placement.num_shards
+        check_data_shards(self.data_shards, self.placement, cfg.dist.placement)
+        self.train_data = virtual_shards(data.train, shard, self.placement.num_shards, self.data_shards)
+        self.layout = layout_of(self.placement, self.train_data.batch_size)  # kept in checkpoints
         self.data = data
         self.inputs = Inputs(data.input_shape, data.train.mean, data.train.std, data.classes)  # kept in checkpoints
         self.steps_per_epoch = len(self.train_data)
@@ -409,7 +431,8 @@ class Trainer:
         """Every engine saves into ``checkpoints/step_N/``; then rank 0 writes the trainer state and, last, the tag.
 
         Every rank agrees on the tag (the step). A crash mid-save leaves the previous tag in force, and so
-        do non-finite weights: they are refused (``NonFiniteError``) before anything is written.
+        do non-finite weights: they are refused (``NonFiniteError``) before anything is written. A full disk on
+        any rank stops every rank with one line (``DiskFullError``) after the partial folder is removed.
         """
         folder = checkpoint_dir(self.run_dir, self.step)
         tag = folder.name
@@ -420,31 +443,83 @@ class Trainer:
                 f"refusing to save checkpoint {tag}: non-finite weights in {', '.join(bad)}; "
                 + (f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint was written")
             )
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, engine in self.engines.items():
-            engine.save(folder, name)
-        barrier(self.dist)
+        staged = staging_dir(folder)
         if self.dist.is_main:
-            state = TrainerState(
-                step=self.step,
-                config=self.cfg.to_dict(),
-                mlflow_run_id=self.tracker.run_id,
-                rng=torch.get_rng_state(),
-                guard=self.guard.state_dict(),
-                inputs=self.inputs,
-            )
-            state.save(folder)
-            mark_latest(folder, keep=self.cfg.dist.keep_checkpoints)
+            shutil.rmtree(staged, ignore_errors=True)  # what a save of this step that failed before left
         barrier(self.dist)
+
+        def engines() -> None:
+            staged.mkdir(parents=True, exist_ok=True)
+            for name, engine in self.engines.items():
+                engine.save(staged, name)
+            fsync_tree(staged)  # this rank's files (DeepSpeed's own too) are on disk before the checkpoint counts
+
+        def trainer_state() -> None:
+            if self.dist.is_main:
+                state = TrainerState(
+                    step=self.step,
+                    config=self.cfg.to_dict(),
+                    mlflow_run_id=self.tracker.run_id,
+                    rng=torch.get_rng_state(),
+                    guard=self.guard.state_dict(),
+                    inputs=self.inputs,
+                    data_shards=self.data_shards,
+                    layout=self.layout,
+                )
+                state.save(staged)
+                publish_checkpoint(staged, folder, keep=self.cfg.dist.keep_checkpoints)
+
+        for part in (engines, trainer_state):
+            self._write_or_stop(part, staged)
         return folder
 
+    def _write_or_stop(self, write: Callable[[], None], folder: Path) -> None:
+        """``write`` on every rank; if a disk is full on any rank, every rank stops with one line once rank 0
+        has removed the partial checkpoint (the previous ``latest`` stays in force). Collective."""
+        error = None
+        try:
+            write()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            error = e
+        failed = all_reduce_world(torch.tensor([float(error is not None)], device=self.device), self.dist)
+        if failed.item() == 0:
+            return
+        if self.dist.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                folder.parent.rmdir()  # the staging area, when empty
+        barrier(self.dist)
+        last = latest_checkpoint(self.run_dir)
+        where = disk_full_line(folder.parent) if error is not None else "the disk of another rank"
+        raise DiskFullError(
+            f"no space left on device saving checkpoint {folder.name} at step {self.step} in {self.run_dir / CHECKPOINTS} "
+            f"({where}); the partial checkpoint was removed and "
+            + (f"{last.name} stays the latest" if last else "no checkpoint was written")
+            + "; free space, then continue with --train.resume=auto"
+        ) from error
+
     def resume(self, folder: str | Path) -> None:
-        """Load every local engine and the trainer state from a checkpoint folder (``checkpoints/step_N``)."""
+        """Load every local engine and the trainer state from a checkpoint folder (``checkpoints/step_N``), also one
+        saved on another world size or placement (``dist_coop/distributed/resize.py``); the trainer must have been
+        built with that checkpoint's ``data_shards``."""
         folder = Path(folder)
         state = TrainerState.load(folder)
+        if (state.data_shards or self.placement.num_shards) != self.data_shards:
+            raise ValueError(
+                f"{folder} splits the run's data in {state.data_shards} data shards but this trainer was built for "
+                f"{self.data_shards}: build it with data_shards=TrainerState.load(checkpoint).data_shards"
+            )
         for name, engine in self.engines.items():
             engine.load(folder, name)
         self.step = state.step
         torch.set_rng_state(state.rng)
         self.guard.load_state_dict(state.guard)
-        self.log(f"resumed from {folder} at step {self.step}")
+        global_batch = self.train_data.batch_size * self.placement.num_shards
+        self.log(resume_line(folder, self.step, state.layout, self.layout, global_batch))
+
+    def launch_params(self) -> dict[str, str]:
+        """This launch's world and micro-batch as tracker params, logged with the config's: a resume that changes
+        them is recorded as tags such as ``resume/1/launch.world`` = ``"6 ranks split -> 3 ranks split"``."""
+        return launch_params(self.layout)

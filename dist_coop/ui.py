@@ -4,7 +4,7 @@ The store is found as training chose it (``dist_coop.track.build_tracker``): ``t
 run's ``config.yaml``, else ``sqlite:///<train.out_dir>/mlflow.db``, where ``train.out_dir`` is the run
 folder's parent (a run folder is ``<out_dir>/<run_name>``, so this holds wherever training was started).
 An output folder holding ``mlflow.db`` works too. The server is started the way that is healthy on a
-small machine (ENV-NOTES: ~480 MB and 7 s instead of ~13 processes and 3 GB): local host only, one
+small machine (~480 MB and 7 s instead of ~13 processes and 3 GB): local host only, one
 worker, MLflow's job execution off (an environment variable: ``mlflow ui`` has no flag for it).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import ipaddress
 import os
 import signal
 import subprocess
@@ -110,6 +111,22 @@ def address(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def exposure_warning(host: str, port: int) -> str:
+    """One line for a ``--host`` other than this machine's loopback (empty for one): MLflow's UI has no
+    authentication, so whoever reaches that address can read every run in the store, and change it."""
+    try:
+        local = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if local:
+        return ""
+    return (
+        f"dist-coop: warning: the MLflow UI has no authentication and --host {host} serves it to every machine "
+        f"that can reach this one; keep --host 127.0.0.1 (the default) and browse from elsewhere through an SSH "
+        f"tunnel: ssh -L {port}:127.0.0.1:{port} <this machine>"
+    )
+
+
 def ui_command(args: argparse.Namespace) -> int:
     """Start the UI and wait for it; Ctrl-C or SIGTERM stops it (and every process it started)."""
     uri = store_uri(args.run)
@@ -122,6 +139,9 @@ def ui_command(args: argparse.Namespace) -> int:
         )
     if not port_is_free(args.host, args.port):
         raise ValueError(f"port {args.port} on {args.host} is in use; pass another with --port")
+    warning = exposure_warning(args.host, args.port)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     server = subprocess.Popen(ui_command_line(uri, args.host, args.port), env=ui_env(), start_new_session=True)
     print(f"MLflow UI for {uri} at {address(args.host, args.port)} (starting; Ctrl-C stops it)", flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # the server is in its own session: stop it on SIGTERM too

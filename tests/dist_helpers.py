@@ -43,7 +43,8 @@ def run_steps(cfg, info, num_steps: int, nan_steps: tuple[int, ...] = ()) -> dic
         record["labels"].append(y.tolist())
         record["pixels"].append(float(x.double().sum()))
     record["params"] = {
-        n: torch.cat([p.detach().float().reshape(-1) for p in m.parameters()]) for n, m in trainer.nets.items()
+        n: torch.cat([p.detach().to(torch.promote_types(p.dtype, torch.float32)).reshape(-1) for p in m.parameters()])
+        for n, m in trainer.nets.items()
     }
     record["exchange_seconds"] = trainer.exchange.seconds
     record["skipped"] = dict(trainer.guard.skipped)

@@ -7,10 +7,16 @@ gets batches: 512 images, batch 16, one epoch, one thread per rank).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 from dist_coop.config import Config, load_config
 
@@ -73,5 +79,26 @@ class RecordingTracker:
     def log_artifact(self, path):
         self.artifacts.append(str(path))
 
+    def log_checkpoint(self, folder):
+        self.artifacts.append(f"checkpoint:{folder}")
+
     def close(self, status="FINISHED", error=""):
         self.closed, self.status, self.error = True, status, error
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: str | Path, size: str) -> Iterator[Path]:
+    """A real full disk: a tmpfs of ``size`` (e.g. "3m") mounted at ``path`` for the block, unmounted after.
+
+    Needs root (the test skips otherwise, or when this kernel refuses the mount)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

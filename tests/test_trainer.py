@@ -153,7 +153,8 @@ def test_end_to_end_run_with_mlflow(tmp_path, fmnist_root):
     history = client.get_metric_history(run.info.run_id, "val/acc1/teammate_b/depth_0.5")
     assert len(history) >= 2  # one per epoch (+ the final one)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "accuracy_vs_gflops.png", "results.txt", "step_00000040"} <= artifacts
+    assert {"config.yaml", "accuracy_vs_gflops.png", "results.txt", "checkpoint.txt"} <= artifacts
+    assert "step_00000040" not in artifacts  # the checkpoint is referenced (tracking.log_checkpoint), not copied
     # resume=auto with a finished run continues the same MLflow run and trains no more
     again = run_training(
         tiny_config(tmp_path, "--tracking.backend=mlflow", "--data.train_subset=640", "--train.resume=auto")

@@ -154,3 +154,41 @@ def test_the_ui_extra_is_the_full_mlflow_package_and_the_server_runs_lean():
         "--workers",
         "1",
     ]
+
+
+class _FakeServer:
+    """What ``ui_command`` starts, recorded instead of run: an MLflow server that exits at once."""
+
+    started: list[list[str]] = []
+
+    def __init__(self, argv, **kwargs):
+        _FakeServer.started.append(list(argv))
+        self.pid, self.returncode = -1, 0
+
+    def wait(self, timeout=None):
+        return 0
+
+    def poll(self):
+        return 0
+
+
+def test_a_ui_on_every_interface_warns_that_it_has_no_authentication(tmp_path, monkeypatch, capsys):
+    """``--host 0.0.0.0``: one warning line on stderr naming the host, the default and an SSH tunnel; the
+    default host (loopback) warns of nothing. No server starts (its ``Popen`` records the command line)."""
+    run_dir = _run_folder(tmp_path)
+    (tmp_path / "out" / "mlflow.db").touch()
+    monkeypatch.setattr(ui, "installed_mlflow", lambda: "mlflow")
+    monkeypatch.setattr(ui.subprocess, "Popen", _FakeServer)
+    _FakeServer.started.clear()
+    port = free_port()
+    assert main(["ui", str(run_dir), "--host", "0.0.0.0", "--port", str(port)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "dist-coop: warning: the MLflow UI has no authentication and --host 0.0.0.0 serves it to every machine "
+        "that can reach this one; keep --host 127.0.0.1 (the default) and browse from elsewhere through an SSH "
+        f"tunnel: ssh -L {port}:127.0.0.1:{port} <this machine>"
+    ]
+    assert main(["ui", str(run_dir), "--port", str(port)]) == 0
+    assert capsys.readouterr().err == ""
+    assert [argv[argv.index("--host") + 1] for argv in _FakeServer.started] == ["0.0.0.0", "127.0.0.1"]
+    assert ui.exposure_warning("::1", port) == ui.exposure_warning("localhost", port) == ""
+    assert "--host ::" in ui.exposure_warning("::", port)

@@ -7,6 +7,8 @@ later, and every image reaches the shard in one mode (``L`` or ``RGB``): a grays
 dataset is stored as RGB. JPEG and PNG files already in that mode keep their bytes; everything else
 is converted and stored as lossless PNG. Alpha is dropped (as torchvision's ``pil_loader`` does);
 16-bit grayscale is scaled from 0..65535 to 0..255 (PIL's own conversion would clip it).
+Files are opened only as JPEG, PNG, BMP, GIF or WebP, and refused before decoding when larger than
+``safety.MAX_MEMBER_BYTES`` or ``safety.MAX_PIXELS``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_coop.data.safety import MAX_MEMBER_BYTES, MAX_PIXELS, SOURCE_FORMATS, Refused, TooLarge, open_image
 from dist_coop.data.sources import Item
 
 MODES = {1: "L", 3: "RGB"}  # channels -> the PIL mode the shards store
@@ -60,6 +63,8 @@ def reason(e: Exception) -> str:
 
     if isinstance(e, UnidentifiedImageError):
         return "not an image file PIL can read"
+    if isinstance(e, Refused):
+        return str(e)
     text = " ".join(str(e).split()) or type(e).__name__
     return f"{text}" if isinstance(e, OSError) else f"{type(e).__name__}: {text}"
 
@@ -71,8 +76,11 @@ def _open(item: Item):
     if item.array is not None:
         a = np.asarray(item.array)
         return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else np.ascontiguousarray(a)), None, ""
+    size = Path(item.path).stat().st_size
+    if size > MAX_MEMBER_BYTES:
+        raise TooLarge(f"file is {size:,} bytes, more than the {MAX_MEMBER_BYTES:,} bytes an image file may have")
     data = Path(item.path).read_bytes()
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data, SOURCE_FORMATS, MAX_PIXELS, f"the {MAX_PIXELS:,} pixels an image in a shard may have")
     img.load()  # decodes all of it: a truncated file fails here, not in a training run
     return img, data, img.format or ""
 

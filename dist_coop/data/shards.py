@@ -2,19 +2,22 @@
 
 A sample is ``<key>.<jpg|png>`` (the image bytes), ``<key>.cls`` (the class index as text) and
 ``<key>.json`` (original name and label). ``index.json`` holds the class list, the channel mode and,
-per split, the shards with their sample counts and file sizes, the image sizes seen, how many images
-were converted to the mode and which files were skipped: the stream plans its steps from it without
-opening a tar. Every sample is decoded once while writing (``images.encode``, in parallel over the
-cores); one writer keeps the shard order deterministic. The shards are written into a hidden sibling
-folder that is moved into place only when complete, so a failed run leaves nothing that looks finished.
+per split, the shards with their sample counts and file sizes, the image sizes seen, the largest tar
+member, how many images were converted to the mode and which files were skipped, and how many hidden
+files the source passed over: the stream plans its steps (and its limits) from it without opening a tar.
+Every sample is decoded once while writing (``images.encode``, in parallel over the cores); one writer
+keeps the shard order deterministic. The shards are written into a hidden sibling folder, fsynced and
+swapped into place only when complete (``swap``), so a failed or killed run leaves nothing that
+looks finished, and a full disk is one line naming the folder. ``read_index`` checks an index from
+anyone: its shard names are plain file names in its folder (``safety.check_shard_name``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -24,8 +27,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dist_coop.data import swap
 from dist_coop.data.images import MODES, Encoded, channel_stats, encode
+from dist_coop.data.safety import check_shard_name
 from dist_coop.data.sources import Item, Source
+from dist_coop.durable import DiskFullError, disk_full_line, fsync_tree, is_disk_full
 
 INDEX = "index.json"
 FORMAT = "dist_coop-shards-1"
@@ -56,7 +62,8 @@ def write_split(
     """Write one split as ``<split>-000000.tar`` ...; returns its index entry.
 
     The entry: ``count``, ``shards`` ([{name, count, bytes (image bytes), file_bytes}]), ``sizes``
-    ({"WxH": n}), ``converted`` ({stored mode: n}) and ``skipped`` ([{file, error}], on_corrupt skip).
+    ({"WxH": n}), ``max_member_bytes`` (the largest tar member), ``converted`` ({stored mode: n}) and
+    ``skipped`` ([{file, error}], on_corrupt skip).
     A file that cannot be read raises a ValueError naming it (on_corrupt error).
     """
     import webdataset as wds
@@ -65,53 +72,66 @@ def write_split(
     sizes: Counter[str] = Counter()
     converted: Counter[str] = Counter()
     skipped: list[dict[str, str]] = []
-    writer, count, size, written = None, 0, 0, 0
+    writer, file, count, size, written, max_member = None, None, 0, 0, 0, 0
 
     def close() -> None:
-        nonlocal writer
+        nonlocal writer, file
         if writer is not None:
             writer.close()
+            file.close()
             shards[-1].update(count=count, bytes=size, file_bytes=(out_dir / shards[-1]["name"]).stat().st_size)
-            writer = None
+            writer = file = None
 
-    for enc in tqdm(
-        _encoded(items, mode, workers), total=len(items), desc=f"shards {split}", disable=not progress, leave=False
-    ):
-        if enc.error:
-            if on_corrupt == "error":
-                if writer is not None:
-                    writer.close()
-                raise ValueError(f"{enc.error} (--on-corrupt skip leaves such files out and lists them in {INDEX})")
-            skipped.append({"file": enc.source, "error": enc.error})
-            continue
-        if writer is not None and (
-            (max_count and count >= max_count) or (max_bytes and size + len(enc.data) > max_bytes)
+    try:
+        for enc in tqdm(
+            _encoded(items, mode, workers), total=len(items), desc=f"shards {split}", disable=not progress, leave=False
         ):
-            close()
-        if writer is None:
-            name = f"{split}-{len(shards):06d}.tar"
-            shards.append({"name": name})
-            writer, count, size = wds.TarWriter(str(out_dir / name)), 0, 0
-        writer.write(
-            {
-                "__key__": f"{split}_{written:08d}",
+            if enc.error:
+                if on_corrupt == "error":
+                    raise ValueError(f"{enc.error} (--on-corrupt skip leaves such files out and lists them in {INDEX})")
+                skipped.append({"file": enc.source, "error": enc.error})
+                continue
+            if writer is not None and (
+                (max_count and count >= max_count) or (max_bytes and size + len(enc.data) > max_bytes)
+            ):
+                close()
+            if writer is None:
+                name = f"{split}-{len(shards):06d}.tar"
+                shards.append({"name": name})
+                file = open(out_dir / name, "wb")  # a local file: never a URL for webdataset to open
+                writer, count, size = wds.TarWriter(file), 0, 0
+            fields = {
                 enc.ext: enc.data,
                 "cls": str(enc.label).encode(),
                 "json": json.dumps({"key": enc.key, "label": enc.label}).encode(),
             }
-        )
-        count, size, written = count + 1, size + len(enc.data), written + 1
-        sizes[f"{enc.size[0]}x{enc.size[1]}"] += 1
-        if enc.converted_from:
-            converted[enc.converted_from] += 1
-    close()
+            writer.write({"__key__": f"{split}_{written:08d}", **fields})
+            max_member = max(max_member, *map(len, fields.values()))
+            count, size, written = count + 1, size + len(enc.data), written + 1
+            sizes[f"{enc.size[0]}x{enc.size[1]}"] += 1
+            if enc.converted_from:
+                converted[enc.converted_from] += 1
+        close()
+    except BaseException:
+        _abandon(writer, file)
+        raise
     return {
         "count": written,
         "shards": shards,
         "sizes": dict(sizes.most_common()),
+        "max_member_bytes": max_member,
         "converted": dict(converted),
         "skipped": skipped,
     }
+
+
+def _abandon(writer: Any, file: Any) -> None:
+    """Close a shard left half-written by a failure (a full disk, a bad file): what it still buffered is dropped
+    here, not flushed (and failing again) when the objects are collected."""
+    for close in (writer.tarstream.close if writer else None, file.close if file else None):
+        if close is not None:
+            with contextlib.suppress(OSError, ValueError):
+                close()
 
 
 def write_shards(
@@ -131,7 +151,8 @@ def write_shards(
 
     ``channels`` (1 or 3; 0 = the source's own mode) is the mode every image is stored in. The shards
     are written into a hidden sibling of ``out_dir`` and moved into place when complete; an existing
-    ``out_dir`` must be empty or hold shards (it is replaced as a whole, and only on success).
+    ``out_dir`` must be empty or hold shards (it is replaced as a whole, and only on success). A disk
+    that fills up is a DiskFullError naming the folder and its disk; ``out_dir`` is then as it was.
     """
     if max_count <= 0 and max_bytes <= 0:
         raise ValueError("set a shard size: max_count (samples) or max_bytes > 0")
@@ -144,10 +165,12 @@ def write_shards(
         if split not in source.splits:
             raise ValueError(f"split {split!r} not in {source.name} (has {list(source.splits)})")
     out_dir = Path(out_dir).absolute()  # "." too has a parent to hold the temporary sibling
+    swap.remove_stale(out_dir)
     _check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    kept, tmp = out_dir.exists(), None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = swap.partial_dir(out_dir)
         index = _write_all(
             source,
             tmp,
@@ -160,9 +183,18 @@ def write_shards(
             max_bytes=max_bytes,
             workers=workers or os.cpu_count() or 1,
         )
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fsync_tree(tmp)
+        swap.swap_into_place(tmp, out_dir)
+    except BaseException as e:
+        written = swap.tree_bytes(tmp)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise DiskFullError(
+                f"no space left on device writing shards to {out_dir} ({disk_full_line(out_dir.parent)}; "
+                f"{written / 1e6:.1f} MB written before it filled, removed again): free space there or give --out "
+                "a folder on a disk with room" + (f"; the shards in {out_dir} are kept as they were" if kept else "")
+            ) from e
         raise
     return index
 
@@ -171,6 +203,7 @@ def _write_all(source: Source, out_dir: Path, *, mode: str, splits: list[str], l
     index: dict[str, Any] = {
         "format": FORMAT,
         "source": source.name,
+        "hidden_files": len(source.hidden),
         "classes": source.classes,
         "class_names": source.class_names,
         "mode": mode,
@@ -191,23 +224,17 @@ def _check_out_dir(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise ValueError(f"output folder {out_dir} is a file")
+    if os.path.ismount(out_dir):
+        raise ValueError(
+            f"output folder {out_dir} is a mount point, which cannot be replaced as a whole; give a folder inside "
+            f"it (e.g. --out {out_dir / 'shards'})"
+        )
     other = sorted(p.name for p in out_dir.iterdir() if not (p.is_file() and (p.suffix == ".tar" or p.name == INDEX)))
     if other:
         raise ValueError(
             f"output folder {out_dir} holds files that are not shards ({', '.join(other[:3])}"
             f"{', ...' if len(other) > 3 else ''}); give a new or empty folder, or one written by dist-coop shards"
         )
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """``tmp`` becomes ``out_dir``; an old ``out_dir`` is removed only once the new one is complete."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def check_image_sizes(index: dict[str, Any], splits: Iterable[str], image_size: int, where: str | Path) -> None:
@@ -226,9 +253,24 @@ def check_image_sizes(index: dict[str, Any], splits: Iterable[str], image_size: 
             )
 
 
+def _well_formed(info: Any) -> bool:
+    def count(d: Any) -> bool:
+        return isinstance(d, dict) and isinstance(d.get("count"), int) and d["count"] >= 0
+
+    return count(info) and isinstance(info.get("shards"), list) and all(count(s) for s in info["shards"])
+
+
 def read_index(path: str | Path) -> dict[str, Any]:
-    """Load and check ``index.json`` (a folder holding it, or the file)."""
+    """Load and check ``index.json`` (a folder holding it, or the file). A folder that a killed writer left
+    set aside is put back first (``swap.recover``)."""
     path = Path(path)
+    folder = path.parent if path.name == INDEX and not path.is_dir() else path
+    if not folder.exists() and not swap.recover(folder.absolute()) and swap.set_aside(folder.absolute()):
+        old = swap.set_aside(folder.absolute())[0]
+        raise FileNotFoundError(
+            f"shard folder {folder} is missing: a shard writer was stopped while replacing it and the shards it "
+            f"held are in {old}, which could not be renamed back; rename that folder to {folder}"
+        )
     if path.is_dir():
         path = path / INDEX
     if not path.is_file():
@@ -237,9 +279,17 @@ def read_index(path: str | Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a dist_coop shard index (format {index.get('format')!r})")
-    for split, info in index["splits"].items():
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ValueError(f"{path}: not a dist_coop shard index (format {found!r})")
+    splits = index.get("splits")
+    if not isinstance(splits, dict) or not all(_well_formed(info) for info in splits.values()):
+        raise ValueError(
+            f"{path}: its splits are not a dist_coop shard index's (counts and shard lists); write the shards again"
+        )
+    for split, info in splits.items():
+        for s in info["shards"]:
+            check_shard_name(s["name"], path)
         total = sum(s["count"] for s in info["shards"])
         if total != info["count"]:
             raise ValueError(f"{path}: split {split!r} says {info['count']} samples but its shards hold {total}")

@@ -8,18 +8,23 @@
 * Any ``class_name/image`` folder tree (``root/<split>/<class>/...`` or one split ``root/<class>/...``).
 * The bundled Fashion-MNIST.
 
+Files that belong to no dataset (names starting with a dot, such as macOS' ``._name.JPEG`` beside each
+image and ``.DS_Store``, and ``__MACOSX`` folders) are passed over and listed in ``Source.hidden``.
+CIFAR's pickles are read by an unpickler that builds only data (``safety.load_pickle``).
+
 Images that are arrays (CIFAR, Fashion-MNIST) are encoded as PNG by the writer, in parallel; every
 image, file or array, is stored in the source's ``mode`` (``images.encode``).
 """
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from dist_coop.data.safety import hidden, load_pickle
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
@@ -41,6 +46,14 @@ class Source:
     splits: dict[str, list[Item]] = field(default_factory=dict)
     class_names: dict[str, str] = field(default_factory=dict)  # e.g. Tiny ImageNet wnid -> words
     mode: str = "RGB"  # the channel mode the shards store every image in (L or RGB)
+    hidden: list[str] = field(default_factory=list)  # hidden files and folders passed over in the folders listed
+
+
+def _listing(folder: Path, passed_over: list[str]) -> list[Path]:
+    """The entries of ``folder``, sorted; hidden ones are added to ``passed_over`` instead."""
+    entries = sorted(folder.iterdir())
+    passed_over += [str(p) for p in entries if hidden(p)]
+    return [p for p in entries if not hidden(p)]
 
 
 def _need(path: Path, what: str) -> Path:
@@ -63,8 +76,8 @@ def tiny_imagenet(root: str | Path) -> Source:
     train = []
     for wnid in wnids:
         folder = _need(root / "train" / wnid / "images", "Tiny ImageNet train class")
-        for f in sorted(folder.iterdir()):
-            if f.suffix.lower() in IMAGE_EXTS:
+        for f in _listing(folder, src.hidden):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
                 train.append(Item(f"train/{f.stem}", index[wnid], path=str(f)))
     src.splits["train"] = train
     ann = _need(root / "val" / "val_annotations.txt", "Tiny ImageNet val annotations")
@@ -88,18 +101,17 @@ def tiny_imagenet(root: str | Path) -> Source:
     if test_dir.is_dir():
         src.splits["test"] = [
             Item(f"test/{f.stem}", -1, path=str(f))
-            for f in sorted(test_dir.iterdir())
-            if f.suffix.lower() in IMAGE_EXTS
+            for f in _listing(test_dir, src.hidden)
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTS
         ]
     return src
 
 
 def _unpickle(path: Path) -> dict:
-    with open(_need(path, "CIFAR batch"), "rb") as f:
-        try:
-            return pickle.load(f, encoding="bytes")
-        except Exception as e:
-            raise ValueError(f"{path} is not a CIFAR python batch: {e}") from e
+    batch = load_pickle(_need(path, "CIFAR batch"), "a CIFAR python batch")
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR python batch: it holds a {type(batch).__name__}, not a dict")
+    return batch
 
 
 def _get(d: dict, key: str):
@@ -155,37 +167,45 @@ def cifar(root: str | Path, *, labels: str = "fine") -> Source:
     return src
 
 
-def class_tree(root: str | Path, exts: set[str], what: str) -> tuple[list[str], dict[str, list[tuple[int, Path]]]]:
+def class_tree(
+    root: str | Path, exts: set[str], what: str, passed_over: list[str] | None = None
+) -> tuple[list[str], dict[str, list[tuple[int, Path]]]]:
     """Classes and ``{split: [(class index, file)]}`` of ``root/<split>/<class>/file`` or ``root/<class>/file``.
 
     The nested layout is recognised when every sub-folder holds only class folders; otherwise the
-    sub-folders are the classes of one split, 'train'. Files are those whose suffix is in ``exts``.
+    sub-folders are the classes of one split, 'train'. Files are those whose suffix is in ``exts``;
+    hidden files and folders are left out (and added to ``passed_over``).
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{what} folder {root} is missing")
+    seen: list[str] = []
 
-    def files(d: Path) -> list[Path]:
-        return sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in exts)
+    def files(d: Path, out: list[str]) -> list[Path]:
+        return [f for f in _listing(d, out) if f.is_file() and f.suffix.lower() in exts]
 
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-    nested = subdirs and all(not files(d) and any(c.is_dir() for c in d.iterdir()) for d in subdirs)
+    def dirs(d: Path) -> list[Path]:
+        return [x for x in _listing(d, seen) if x.is_dir()]
+
+    subdirs = dirs(root)
+    nested = subdirs and all(not files(d, []) and any(c.is_dir() for c in _listing(d, [])) for d in subdirs)
     split_dirs = {d.name: d for d in subdirs} if nested else {"train": root}
-    classes = sorted({c.name for d in split_dirs.values() for c in d.iterdir() if c.is_dir()})
+    class_dirs = {split: dirs(d) for split, d in split_dirs.items()}
+    classes = sorted({c.name for cs in class_dirs.values() for c in cs})
     if not classes:
         raise ValueError(f"{root}: no class folders of {what} files found")
     index = {c: i for i, c in enumerate(classes)}
-    splits = {
-        split: [(index[c.name], f) for c in sorted(x for x in d.iterdir() if x.is_dir()) for f in files(c)]
-        for split, d in split_dirs.items()
-    }
+    splits = {split: [(index[c.name], f) for c in cs for f in files(c, seen)] for split, cs in class_dirs.items()}
+    if passed_over is not None:
+        passed_over += sorted(set(seen))
     return classes, splits
 
 
 def image_folder(root: str | Path) -> Source:
     """``root/<split>/<class>/img`` or ``root/<class>/img`` (one split 'train')."""
-    classes, splits = class_tree(root, IMAGE_EXTS, "image")
-    src = Source("image_folder", classes)
+    passed_over: list[str] = []
+    classes, splits = class_tree(root, IMAGE_EXTS, "image", passed_over)
+    src = Source("image_folder", classes, hidden=passed_over)
     for split, files in splits.items():
         src.splits[split] = [Item(f"{split}/{f.parent.name}/{f.stem}", label, path=str(f)) for label, f in files]
     return src

@@ -8,16 +8,21 @@ the same pixels. The trainer owns the step count: every data shard yields exactl
 batches per epoch (a shard list that runs out starts over), so no rank runs out early and hangs
 a collective. Evaluation reads each validation shard on exactly one rank, in order, once.
 
-Samples are decoded only as images, class indices and JSON; nothing is unpickled. A shard that is
-cut short or a sample that does not decode is one error line naming the shard and the sample, also
-from a DataLoader worker (``data.on_corrupt: skip`` warns, drops and counts instead).
+Shards are local tar files opened here (never a URL: a shard name is a plain file name, checked
+against ``safety.check_shard_name``) and read one member at a time. Samples are decoded only as
+images (JPEG and PNG, the formats the writer stores), class indices and JSON; nothing is unpickled.
+A tar member larger than the index's largest, or an image with more pixels than its largest, is
+refused before it is read or decoded. A shard that is cut short or a sample that does not decode or
+breaks a limit is one error line naming the shard and the sample, also from a DataLoader worker
+(``data.on_corrupt: skip`` warns, drops and counts instead).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import random
+import re
+import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass, field
@@ -31,8 +36,18 @@ from torch import Tensor
 from dist_coop.data.augment import augment_step, epoch_order, normalize
 from dist_coop.data.batches import Sharded
 from dist_coop.data.images import reason as image_error
+from dist_coop.data.safety import (
+    MAX_MEMBER_BYTES,
+    MAX_PIXELS,
+    SHARD_FORMATS,
+    TooLarge,
+    check_shard_name,
+    open_image,
+    split_limits,
+)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_KEYS = tuple(SHARD_FORMATS)  # the image fields of a sample: those the writer stores
+_KEY = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # a member name: sample key, then the field after the first dot
 
 
 class ShardError(ValueError):
@@ -52,47 +67,84 @@ class CorruptShard(ShardError):
 
 
 def _reason(e: Exception) -> str:
-    """One line for an exception from webdataset/tarfile (which append the stream and URL to its args)."""
-    text = str(e.args[0]) if e.args else ""
-    return f"{type(e).__name__}: {' '.join(text.split(' @ ')[0].split())}".rstrip(": ")
+    """One line for an exception from reading a tar."""
+    text = str(e.args[0]) if e.args and not isinstance(e, OSError) else str(e)
+    return f"{type(e).__name__}: {' '.join(text.split())}".rstrip(": ")
 
 
-def shard_samples(url: str, count: int = 0) -> Iterator[dict[str, Any]]:
-    """The samples of one shard; a shard that is not a readable tar, or holds another number of samples
-    than ``count`` (the index's; 0 = unknown), raises CorruptShard naming it and the last good sample.
+class _MemberTooLarge(Exception):
+    def __init__(self, key: str, field: str, size: int) -> None:
+        super().__init__(key, field, size)
+        self.key, self.field, self.size = key, field, size
 
-    A tar cut at a member boundary reads as a shorter tar and webdataset then yields the cut sample
-    with fields missing, so each sample is held back until the next one shows the shard went on past
-    it; a shard that ends short keeps its last sample only when it has every field the writer writes.
+
+def _tar_samples(path: str, max_member: int) -> Iterator[dict[str, Any]]:
+    """The samples of the local tar file ``path``: consecutive members with one key grouped into
+    ``{"__key__", "__url__", <field>: bytes}`` (webdataset's convention). A member larger than
+    ``max_member`` raises _MemberTooLarge before it is read."""
+    sample: dict[str, Any] | None = None
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            tar.members = []  # read as a stream: no list of every member kept
+            m = _KEY.match(member.name)
+            if not member.isreg() or m is None:
+                continue
+            key, field = m[1], m[2].lower()
+            if member.size > max_member:
+                raise _MemberTooLarge(key, field, member.size)
+            if sample is None or sample["__key__"] != key or field in sample:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": path}
+            sample[field] = tar.extractfile(member).read()
+    if sample is not None:
+        yield sample
+
+
+def shard_samples(
+    path: str, count: int = 0, max_member: int = MAX_MEMBER_BYTES, member_limit: str = ""
+) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, a local file; a shard that is not a readable tar, holds another number of
+    samples than ``count`` (the index's; 0 = unknown) or a member over ``max_member`` bytes (``member_limit``
+    says whose limit) raises CorruptShard naming it and the last good sample.
+
+    A tar cut at a member boundary reads as a shorter tar and yields the cut sample with fields
+    missing, so each sample is held back until the next one shows the shard went on past it; a shard
+    that ends short keeps its last sample only when it has every field the writer writes.
     """
-    import webdataset as wds
-
     n, last, pending = 0, None, None
 
     def cut(reason: str = "") -> CorruptShard:
         after = f"after sample {last}" if last else "before its first sample"
         listed = f"{n} of the {count} samples the index lists" if count else f"{n} samples read"
         return CorruptShard(
-            f"{url}: shard is truncated or corrupt {after} ({listed}{'; ' + reason if reason else ''}); "
+            f"{path}: shard is truncated or corrupt {after} ({listed}{'; ' + reason if reason else ''}); "
             "copy or write the shards again",
             lost=max(count - n, 1),
         )
 
     error = None
     try:
-        for sample in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}])):
+        for sample in _tar_samples(path, max_member):
             if pending is not None:
                 n, last = n + 1, pending["__key__"]
                 yield pending
             if count and n >= count:
                 raise CorruptShard(
-                    f"{url}: shard holds more than the {count} samples the index lists (sample "
+                    f"{path}: shard holds more than the {count} samples the index lists (sample "
                     f"{sample.get('__key__')}): the index was not written with these shards; write the shards again"
                 )
             pending = sample
     except CorruptShard:
         raise
-    except Exception as e:  # tarfile.ReadError and friends, with webdataset's additions to the message
+    except _MemberTooLarge as e:
+        limit = member_limit or f"the {max_member:,} bytes a shard member may have"
+        raise CorruptShard(
+            f"{path} sample {e.key}: its {e.field} field is {e.size:,} bytes, more than {limit}; the shard was "
+            "changed after writing or not written by dist-coop shards: write the shards again",
+            lost=max(count - n, 1),
+        ) from None
+    except Exception as e:  # tarfile.ReadError, OSError and friends
         error = e
     whole = pending is not None and {"cls", "json"} <= pending.keys() and any(k in pending for k in IMAGE_KEYS)
     if pending is not None and (whole or (error is None and n + 1 >= count)):
@@ -104,8 +156,17 @@ def shard_samples(url: str, count: int = 0) -> Iterator[dict[str, Any]]:
         raise cut()
 
 
-def decode_sample(sample: dict[str, Any], *, channels: int, size: int, num_classes: int) -> tuple[np.ndarray, int]:
-    """(uint8 (C, H, W), label) of one webdataset sample; a clear error naming shard and key."""
+def decode_sample(
+    sample: dict[str, Any],
+    *,
+    channels: int,
+    size: int,
+    num_classes: int,
+    max_pixels: int = MAX_PIXELS,
+    pixel_limit: str = "",
+) -> tuple[np.ndarray, int]:
+    """(uint8 (C, H, W), label) of one sample; a clear error naming shard and key. The image is opened only
+    in the format its field names, and refused before decoding when it has more than ``max_pixels``."""
     from PIL import Image
 
     where = f"{sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
@@ -115,7 +176,16 @@ def decode_sample(sample: dict[str, Any], *, channels: int, size: int, num_class
             f"{where}: no image ({', '.join(IMAGE_KEYS)}) in fields {sorted(k for k in sample if not k.startswith('__'))}"
         )
     try:
-        img = Image.open(io.BytesIO(sample[key]))
+        limit = pixel_limit or f"the {max_pixels:,} pixels a shard image may have"
+        img = open_image(sample[key], (SHARD_FORMATS[key],), max_pixels, limit)
+    except TooLarge as e:
+        raise CorruptSample(
+            f"{where}: {e}; the shard was changed after writing or not written by dist-coop shards: write the "
+            "shards again"
+        ) from None
+    except Exception as e:
+        raise CorruptSample(f"{where}: image does not decode ({image_error(e)})") from e
+    try:
         img = img.convert("L" if channels == 1 else "RGB")
         if size and img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
@@ -139,8 +209,9 @@ class _Pipeline(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        urls: list[tuple[str, int]],  # (shard, its sample count in the index)
+        urls: list[tuple[str, int]],  # (shard file, its sample count in the index)
         *,
+        max_member: tuple[int, str],  # the largest tar member read, and whose limit that is
         batch_size: int,
         shuffle_seed: int | None,
         buffer: int,
@@ -149,14 +220,14 @@ class _Pipeline(torch.utils.data.IterableDataset):
         train: bool,
     ):
         self.urls, self.batch_size, self.shuffle_seed, self.buffer = urls, batch_size, shuffle_seed, buffer
-        self.decode_kw, self.on_corrupt, self.train = decode_kw, on_corrupt, train
+        self.decode_kw, self.on_corrupt, self.train, self.max_member = decode_kw, on_corrupt, train, max_member
 
     def _shards(self, urls: list[tuple[str, int]]) -> Iterator[dict[str, Any]]:
         """The samples of ``urls`` in order; on_corrupt skip: a broken shard's missing samples become a
         ``{"__lost__": n}`` marker."""
         for url, count in urls:
             try:
-                yield from shard_samples(url, count)
+                yield from shard_samples(url, count, *self.max_member)
             except CorruptShard as e:
                 if self.on_corrupt == "error":
                     raise
@@ -258,6 +329,9 @@ class ShardBatches(Sharded):
         if split not in index["splits"]:
             raise ValueError(f"shards in {root} have no split {split!r} (have {list(index['splits'])})")
         self.root, self.shards = Path(root), index["splits"][split]["shards"]
+        for s in self.shards:  # also for an index that did not come through read_index
+            check_shard_name(s["name"], self.root / "index.json")
+        self.pixel_limit, self.member_limit = split_limits(index["splits"][split])
         self.mean, self.std, self.device = tuple(self.mean), tuple(self.std), torch.device(self.device)
         needed = num_shards * max(1, self.workers)
         if len(self.shards) < needed:
@@ -289,7 +363,13 @@ class ShardBatches(Sharded):
         mine = self._my_shards(epoch)
         urls = [(str(self.root / s["name"]), s["count"]) for s in mine]
         steps = len(self)  # training streams without end; the trainer owns the step count
-        decode_kw = {"channels": self.channels, "size": self.image_size, "num_classes": len(self.index["classes"])}
+        decode_kw = {
+            "channels": self.channels,
+            "size": self.image_size,
+            "num_classes": len(self.index["classes"]),
+            "max_pixels": self.pixel_limit[0],
+            "pixel_limit": self.pixel_limit[1],
+        }
         pipe = _Pipeline(
             urls,
             batch_size=self.batch_size,
@@ -298,6 +378,7 @@ class ShardBatches(Sharded):
             decode_kw=decode_kw,
             on_corrupt=self.on_corrupt,
             train=self.train,
+            max_member=self.member_limit,
         )
         loader = torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=self.workers)
         seen = skipped_now = 0

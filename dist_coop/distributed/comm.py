@@ -138,3 +138,12 @@ def all_reduce_world(t: Tensor, info: DistInfo) -> Tensor:
     if info.initialized and info.world_size > 1:
         dist.all_reduce(t)
     return t
+
+
+def broadcast_text(text: str, info: DistInfo) -> str:
+    """Rank 0's ``text`` on every rank (a decision, or an error every rank must raise alike)."""
+    if not (info.initialized and info.world_size > 1):
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

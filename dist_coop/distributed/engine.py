@@ -28,6 +28,7 @@ from dist_coop.checkpoint import load_checkpoint, save_checkpoint
 from dist_coop.config import DistConfig, OptimConfig
 from dist_coop.distributed.comm import average_in_place
 from dist_coop.distributed.env import ignore_deepspeed_deprecations
+from dist_coop.distributed.resize import load_deepspeed_checkpoint
 from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.optim import Depths, build_optimizer, build_scheduler
 from dist_coop.run import deepspeed_save_dir
@@ -182,6 +183,7 @@ class TorchEngine(_NetAccess):
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "group_size": self.group_size,  # the replicas that saved it (their BN statistics: load_replica_buffers)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -197,8 +199,11 @@ class TorchEngine(_NetAccess):
         save_replica_buffers(self.module, self.group_rank, folder, name)
 
     def load(self, folder: Path, name: str) -> None:
-        self.load_state_dict(load_checkpoint(folder / f"{name}.pt", next(self.module.parameters()).device))
-        load_replica_buffers(self.module, self.group_rank, folder, name)
+        """The whole state (any group size: the optimizer state is not partitioned), then the BN statistics."""
+        state = load_checkpoint(folder / f"{name}.pt", next(self.module.parameters()).device)
+        self.load_state_dict(state)
+        saved = state.get("group_size")  # absent in checkpoints written before it was kept
+        load_replica_buffers(self.module, self.group_rank, folder, name, group_size=self.group_size, saved_size=saved)
 
 
 def save_replica_buffers(module: torch.nn.Module, group_rank: int, folder: Path, name: str) -> None:
@@ -208,13 +213,36 @@ def save_replica_buffers(module: torch.nn.Module, group_rank: int, folder: Path,
         save_checkpoint(dict(module.named_buffers()), folder / f"{name}.rank{group_rank}.pt")
 
 
-def load_replica_buffers(module: torch.nn.Module, group_rank: int, folder: Path, name: str) -> None:
-    own = folder / f"{name}.rank{group_rank}.pt"
-    if group_rank and own.is_file():  # absent in checkpoints of an older layout: rank 0's then
-        buffers = load_checkpoint(own, next(module.parameters()).device)
-        with torch.no_grad():
-            for key, b in module.named_buffers():
-                b.copy_(buffers[key])
+def load_replica_buffers(
+    module: torch.nn.Module,
+    group_rank: int,
+    folder: Path,
+    name: str,
+    *,
+    group_size: int | None = None,
+    saved_size: int | None = None,
+) -> None:
+    """After the module (group rank 0's statistics) is loaded: replica r of a group of the size that saved the
+    checkpoint takes its own statistics back. In a group of another size (a run resumed on another world) every
+    replica takes the mean of the saved replicas' floating-point statistics: the statistics evaluation measures
+    (``average_buffers``), the same on every replica. ``saved_size`` None: not known (the saved size assumed)."""
+    if saved_size is None or saved_size == group_size:
+        own = folder / f"{name}.rank{group_rank}.pt"
+        if group_rank and own.is_file():  # absent in checkpoints of an older layout: rank 0's then
+            buffers = load_checkpoint(own, next(module.parameters()).device)
+            with torch.no_grad():
+                for key, b in module.named_buffers():
+                    b.copy_(buffers[key])
+        return
+    others = [f for k in range(1, saved_size) if (f := folder / f"{name}.rank{k}.pt").is_file()]
+    floats = {key: b for key, b in module.named_buffers() if b.is_floating_point()}
+    with torch.no_grad():
+        for path in others:
+            buffers = load_checkpoint(path, next(module.parameters()).device)
+            for key, b in floats.items():
+                b.add_(buffers[key])
+        for b in floats.values():
+            b.div_(1 + len(others))
 
 
 class GroupMPU:
@@ -451,8 +479,14 @@ class DeepSpeedEngine(_NetAccess):
         save_replica_buffers(self.module, self.engine.mpu.get_data_parallel_rank(), folder, name)
 
     def load(self, folder: Path, name: str) -> None:
+        from dist_coop.distributed.safe_load import deepspeed_loads_weights_only
+
         save_dir, tag = deepspeed_save_dir(folder, name)
-        path, _ = self.engine.load_checkpoint(str(save_dir), tag=tag)
+        with deepspeed_loads_weights_only():  # DeepSpeed's own torch.load calls unpickle anything otherwise
+            path = load_deepspeed_checkpoint(self.engine, save_dir, tag)  # saved by a group of any size (ZeRO 0-2)
         if path is None:
             raise ValueError(f"DeepSpeed checkpoint not found: {folder / name}")
-        load_replica_buffers(self.module, self.engine.mpu.get_data_parallel_rank(), folder, name)
+        mpu = self.engine.mpu
+        saved = self.engine.loaded_checkpoint_dp_world_size
+        size = mpu.get_data_parallel_world_size()
+        load_replica_buffers(self.module, mpu.get_data_parallel_rank(), folder, name, group_size=size, saved_size=saved)

@@ -3,8 +3,9 @@
 ``init_distributed`` reads what the launchers set (``torchrun`` and ``deepspeed`` both export
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), picks the backend (NCCL on GPUs,
 gloo on CPUs) and starts the default process group. Without those variables it is a world of
-one process; DeepSpeed still needs a process group then, so one of size 1 is started on a free
-local port.
+one process; DeepSpeed still needs a process group then, so one of size 1 is started over a store
+in this process: a world of one opens no socket for a rendezvous, and ranks that all run on this
+machine meet on the loopback interface only.
 
 Every wait on other ranks is bounded by ``dist.timeout_s``: forming the group, every collective of
 every group (ours and those a library such as DeepSpeed makes later), so a rank whose peers are
@@ -14,8 +15,10 @@ gone or stalled fails with :class:`PeerTimeoutError` or a backend error that
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 import time
 import uuid
 import warnings
@@ -26,8 +29,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
-
-from dist_coop.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -92,20 +93,13 @@ def init_distributed(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in env:  # a world of one started by plain `python`
-            os.environ.update(
-                {
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(free_port()),
-                    "RANK": "0",
-                    "WORLD_SIZE": "1",
-                    "LOCAL_RANK": "0",
-                }
-            )
+        if world_size == 1:  # DeepSpeed reads these (LOCAL_RANK above all) when plain `python` set none
+            for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", str(local_rank))):
+                os.environ.setdefault(key, value)
         timeout = timedelta(seconds=timeout_s)
         set_default_group_timeout(timeout)
         try:
-            store = _generation_store(env, rank, world_size, timeout)
+            store = _rendezvous_store(env, rank, world_size, timeout)
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, store=store)
         except dist.DistError as e:
             if not _is_timeout(e):
@@ -129,6 +123,61 @@ def set_default_group_timeout(timeout: timedelta | None) -> None:
 
     distributed_c10d.default_pg_timeout = timeout or constants.default_pg_timeout
     distributed_c10d.default_pg_nccl_timeout = timeout or constants.default_pg_nccl_timeout
+
+
+# ---------------------------------------------------------------- no rendezvous open beyond this machine
+
+
+def _rendezvous_store(env: Mapping[str, str], rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Where the ranks meet: a world of one has no one to meet (a store in this process, ``HashStore``: no
+    socket); then a launcher agent's store (:func:`_generation_store`), or one on the loopback interface
+    (:func:`_loopback_store`). None: torch's ``env://`` store. Ranks all on this machine (a world of one, a
+    loopback MASTER_ADDR) also get gloo on the loopback interface (:func:`_gloo_on_loopback`)."""
+    if world_size == 1 or _loopback(env.get("MASTER_ADDR", "")):
+        _gloo_on_loopback()
+    if world_size == 1:
+        return dist.HashStore()
+    return _generation_store(env, rank, world_size, timeout) or _loopback_store(env, rank, world_size, timeout)
+
+
+def _loopback_store(env: Mapping[str, str], rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Ranks whose MASTER_ADDR is a loopback address all run on this machine: rank 0 serves their store on that
+    address only (torch's own TCP store listens on every interface, whatever MASTER_ADDR says). Otherwise
+    None: torch's ``env://`` store, which ranks on other machines must reach."""
+    host = env.get("MASTER_ADDR", "")
+    if not _loopback(host):
+        return None
+    port = int(env["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((host, port))
+        server.listen(128)
+    except OSError as e:
+        server.close()
+        raise ValueError(f"MASTER_PORT {port} on {host} cannot be used ({e.strerror}); pick a free one") from e
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, master_listen_fd=server.detach())
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address written out (127.x.x.x, ::1); names such as ``localhost`` are
+    not resolved: one may stand for several addresses, of which a server could listen on only one."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _gloo_on_loopback() -> None:
+    """Gloo listens on the address this machine's hostname resolves to (often one other machines reach) unless
+    GLOO_SOCKET_IFNAME names an interface: for ranks all on this machine, the loopback interface (set in this
+    process's environment, as every gloo group made later reads it; a value the user set is kept)."""
+    names = {name for _, name in socket.if_nameindex()}
+    loopback = next((name for name in ("lo", "lo0") if name in names), None)
+    if loopback is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
 
 
 # ---------------------------------------------------------------- a store per generation of workers

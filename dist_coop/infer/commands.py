@@ -96,19 +96,22 @@ def profile_command(args: argparse.Namespace) -> Profile:
 
 
 def _log_to_mlflow(run: Run, profile: Profile, net: str, path: Path) -> None:
-    """Add the profile to the run's MLflow run when it was tracked."""
+    """Add the profile to the run's MLflow run when it was tracked, leaving the run's status as it was (a RUNNING
+    run whose trainer is gone becomes KILLED: ``add_to_run``). The store is found as ``dist-coop ui`` finds it:
+    ``tracking.uri``, else the ``mlflow.db`` beside the run folder (its ``train.out_dir``, wherever training
+    was started)."""
     cfg = run.config
     if cfg.tracking.backend != "mlflow" or not run.mlflow_run_id:
         return
-    from dist_coop.track.mlflow_tracker import MlflowTracker, default_uri
+    from dist_coop.track.mlflow_tracker import add_to_run, default_uri
 
-    tracker = MlflowTracker(
-        cfg.tracking.uri or default_uri(cfg.train.out_dir), cfg.tracking.experiment, "", run.mlflow_run_id
-    )
+    uri = cfg.tracking.uri or default_uri(run.folder.resolve().parent)
     metrics = {f"profile/latency_ms_b{b}/{net}@{d.s}": ms for d in profile.depths for b, ms in d.latency_ms.items()}
-    tracker.log_metrics(run.step, metrics)
-    tracker.log_artifact(path)
-    tracker.close(tracker.previous_status if tracker.previous_status in ("FAILED", "KILLED") else "FINISHED")
+    found, status = add_to_run(
+        uri, run.mlflow_run_id, step=run.step, metrics=metrics, artifacts=[path], by="dist-coop profile"
+    )
+    if status != found:
+        print(f"MLflow run {run.mlflow_run_id} was {found} but its trainer is gone: marked {status} (tags attempt/*)")
 
 
 def export_command(args: argparse.Namespace) -> Path:

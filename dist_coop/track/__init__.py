@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_coop.config import TrackingConfig
-from dist_coop.track.base import FAILED, FINISHED, KILLED, NullTracker, Tracker, error_line
+from dist_coop.track.base import FAILED, FINISHED, KILLED, NullTracker, Tracker, TrackingError, error_line
 
 
 def build_tracker(
@@ -17,7 +17,9 @@ def build_tracker(
     from dist_coop.track.mlflow_tracker import MlflowTracker, artifact_dir, default_uri
 
     uri = cfg.uri or default_uri(out_dir)
-    return MlflowTracker(uri, cfg.experiment, run_name, run_id, artifact_dir=artifact_dir(out_dir))
+    return MlflowTracker(
+        uri, cfg.experiment, run_name, run_id, artifact_dir=artifact_dir(out_dir), log_checkpoint=cfg.log_checkpoint
+    )
 
 
-__all__ = ["FAILED", "FINISHED", "KILLED", "NullTracker", "Tracker", "build_tracker", "error_line"]
+__all__ = ["FAILED", "FINISHED", "KILLED", "NullTracker", "Tracker", "TrackingError", "build_tracker", "error_line"]

@@ -6,6 +6,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # how a run ends (MLflow's run statuses)
+CHECKPOINT_MODES = ("reference", "weights", "none")  # tracking.log_checkpoint
+
+
+class TrackingError(OSError):
+    """The tracking store failed (its disk full, unreachable, unreadable): one line naming the store."""
 
 
 class Tracker(Protocol):
@@ -15,6 +20,10 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
+    def log_checkpoint(self, folder: str | Path | None) -> None:
+        """Record the run's final checkpoint folder as ``tracking.log_checkpoint`` says."""
+        ...
+
     def close(self, status: str = FINISHED, error: str = "") -> None:
         """End the run as ``status``; ``error``: why it did not finish (one line)."""
         ...
@@ -39,6 +48,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def log_checkpoint(self, folder: str | Path | None) -> None:
         pass
 
     def close(self, status: str = FINISHED, error: str = "") -> None:
