@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dist_coop.distributed.safe_load import load_weights_only
 from dist_coop.durable import fsync_dir
 
 
@@ -40,7 +41,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated file or a pickle that is not weights-only
-        raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+    return load_weights_only(path, map_location)  # a truncated file or a pickle that is not weights-only: one line

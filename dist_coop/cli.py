@@ -16,7 +16,7 @@ from dist_coop.config import Config, load_config
 from dist_coop.data import Data, build_data
 from dist_coop.distributed.comm import broadcast_text
 from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed, peer_failure
-from dist_coop.durable import DiskFullError, disk_full_line, is_disk_full
+from dist_coop.durable import DiskFullError, disk_full_line, error_chain, is_disk_full
 from dist_coop.evaluate import EVAL_SPLITS, METRIC_PREFIX, evaluate_sums, results_table, split_batches, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
@@ -125,18 +125,10 @@ def end_run(tracker: Tracker, error: BaseException | None = None) -> None:
 
 def disk_full_error_line(error: BaseException) -> str:
     """``no space left on device writing <file> (the disk at <mount> ...)`` for a full disk met anywhere."""
-    name = next((e.filename for e in _chain(error) if isinstance(e, OSError) and e.filename), None)
+    name = next((e.filename for e in error_chain(error) if isinstance(e, OSError) and e.filename), None)
     where = f" writing {name}" if name else ""
     disk = f" ({disk_full_line(name)})" if name else ""
     return f"no space left on device{where}{disk}; free space and run the command again"
-
-
-def _chain(error: BaseException | None) -> list[BaseException]:
-    out: list[BaseException] = []
-    while error is not None and error not in out:
-        out.append(error)
-        error = error.__cause__ or error.__context__
-    return out
 
 
 def _check_data_matches_model(cfg: Config, data: Data) -> None:

@@ -66,16 +66,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def error_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and what it was raised from or during, outermost first."""
+    out: list[BaseException] = []
+    while error is not None and error not in out:
+        out.append(error)
+        error = error.__cause__ or error.__context__
+    return out
+
+
 def is_disk_full(error: BaseException) -> bool:
     """Is ``error`` (or what it was raised from) a full disk or an exhausted quota?"""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in DISK_FULL:
+    for e in error_chain(error):
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
             return True
-        if "No space left on device" in str(error):  # torch.save reports the C++ writer's failure as a RuntimeError
+        if "No space left on device" in str(e):  # torch.save reports the C++ writer's failure as a RuntimeError
             return True
-        error = error.__cause__ or error.__context__
     return False
 
 
@@ -87,6 +93,17 @@ def mount_point(path: str | Path) -> Path:
     while not os.path.ismount(path):
         path = path.parent
     return path
+
+
+def describe_mount(path: str | Path) -> str:
+    """``/mnt/data (tmpfs)``: the mount point holding ``path`` and its file system type, where known."""
+    mount = mount_point(path)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[1].replace("\\040", " ") == str(mount):
+                return f"{mount} ({fields[2]})"
+    return str(mount)
 
 
 def disk_full_line(path: str | Path) -> str:

@@ -113,8 +113,9 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"x": Evil()}, path)
-    with pytest.raises(ValueError, match="cannot load checkpoint"):
+    with pytest.raises(ValueError, match="cannot load checkpoint") as refused:
         load_checkpoint(path)
+    assert "\n" not in str(refused.value) and "which a weights-only load refuses" in str(refused.value)
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ chained for ``--debug``; MLflow's own logged traceback of the same SQLAlchemy er
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -26,10 +25,10 @@ import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
+from dist_coop.durable import DISK_FULL, describe_mount, error_chain
 from dist_coop.track.base import TrackingError, error_line
 
 LOCK_SUFFIX = ".lock"
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 MLFLOW_DB_LOGGER = "mlflow.store.db.utils"  # logs every SQLAlchemy error with its traceback before raising it
 
 
@@ -74,32 +73,9 @@ def quiet_store_errors() -> None:
         logger.addFilter(_FILTER)
 
 
-def _chain(error: BaseException) -> list[BaseException]:
-    out = [error]
-    while (nxt := out[-1].__cause__ or out[-1].__context__) is not None and nxt not in out:
-        out.append(nxt)
-    return out
-
-
-def _mount_of(path: Path) -> str:
-    """``"/mnt/data (tmpfs)"``: the mount point holding ``path`` and its file system type, where known."""
-    path = path.resolve()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    mount = path
-    while not os.path.ismount(mount) and mount != mount.parent:
-        mount = mount.parent
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            fields = line.split()
-            if len(fields) > 2 and fields[1].replace("\\040", " ") == str(mount):
-                return f"{mount} ({fields[2]})"
-    return str(mount)
-
-
 def describe_disk(path: Path) -> str:
     """``"the disk of /x/mlflow.db, /x (tmpfs), 0 bytes free"``."""
-    where = _mount_of(path)
+    where = describe_mount(path)
     with contextlib.suppress(OSError):
         probe = path if path.exists() else path.parent
         return f"the disk of {path}, {where}, {shutil.disk_usage(probe).free} bytes free"
@@ -110,7 +86,7 @@ def _full_disk(uri: str, chain: list[BaseException], files: Path | None) -> str:
     """The disk a "disk full" error in ``chain`` is about, described; "" when it is not one. ``files``: the
     folder being written beside the store (artifacts), for a failed write that names no file."""
     for e in chain:
-        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
             # a copy names its source first and its destination second; the folder written beats the source
             named = e.filename2 or (None if files else e.filename)
             path = Path(named) if named else files or sqlite_path(uri)
@@ -124,7 +100,7 @@ def _full_disk(uri: str, chain: list[BaseException], files: Path | None) -> str:
 def store_error(uri: str, doing: str, error: BaseException, files: Path | None = None) -> TrackingError:
     """The one-line ``TrackingError`` for ``error``, raised by the store ``uri`` while ``doing`` (writing
     ``files`` too, if given)."""
-    chain = _chain(error)
+    chain = error_chain(error)
     full = _full_disk(uri, chain, files)
     if full:
         return TrackingError(
