@@ -1,4 +1,4 @@
-"""``dist-coop train|eval|shards|profile|export|stream|ui``: the command line."""
+"""``dist-coop train|plan|config|eval|shards|profile|budget|export|stream|ui``: the command line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from dist_coop.durable import DiskFullError, disk_full_line, error_chain, is_dis
 from dist_coop.evaluate import EVAL_SPLITS, METRIC_PREFIX, evaluate_sums, results_table, split_batches, sums_to_metrics
 from dist_coop.guard import NonFiniteError
 from dist_coop.infer.cost import cost_metrics
+from dist_coop.plan import preflight_all_ranks
 from dist_coop.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopSignal, interrupted
 from dist_coop.report import finish
 from dist_coop.run import TrainerState, load_run, prepare_run_dir, require_device, resolve_resume
@@ -46,6 +47,9 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
     with StopSignal() as stop:
         lock = None
         try:
+            launch = preflight_all_ranks(cfg, info)  # what can be checked before the first step is (dist_coop/plan.py)
+            if info.is_main:
+                print("\n".join(launch.start_lines()), flush=True)
             lock, run_dir, resume = claim_run_folder(cfg, info)
             data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
             _check_data_matches_model(cfg, data)
@@ -211,7 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser(
-        "train", parents=[common], help="train the cooperative nets (overrides: --section.key=value)"
+        "train",
+        parents=[common],
+        help="train the cooperative nets (overrides: --section.key=value)",
+        epilog="overrides: --section.key=value for any setting; every setting with its type, default and meaning: "
+        "dist-coop config (one section: dist-coop config optim; the values a config gives: dist-coop config --config C)",
     )
     p_train.add_argument(
         "--config", default=None, help="YAML config, e.g. configs/quickstart.yaml (default: built-in defaults)"
@@ -259,11 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["error", "skip"],
         help="a file that does not decode: stop naming it (error), or leave it out and list it in index.json (skip)",
     )
-    from dist_coop import ui
+    from dist_coop import config_doc, plan, ui
     from dist_coop.infer import commands as infer_commands
 
     infer_commands.add_parsers(sub, parents=[common])
     ui.add_parser(sub, parents=[common])
+    config_doc.add_parser(sub, parents=[common])
+    plan.add_parser(sub, parents=[common])
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "train":
@@ -272,6 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             infer_commands.COMMANDS[args.command](args)
+        elif args.command == "config":
+            return config_doc.config_command(args, rest)
+        elif args.command == "plan":
+            return plan.plan_command(args, rest)
         elif args.command == "ui":
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -3,16 +3,23 @@
 YAML is read with ``yaml.safe_load`` (no code-executing tags). Every value is checked on load:
 an unknown key names the nearest valid one, a wrong type or a bad value names the field.
 Command-line overrides look like ``--coop.alpha=0.5`` (the value is parsed as YAML).
+
+A setting is declared once, with its meaning: ``name: type = opt(default, "meaning", choices=(...))``, plus
+``research=True`` for a switch that exists for ablations. ``dist-coop config`` and docs/guide/config.md list it
+from there (regenerate the page: ``dist-coop config --markdown > docs/guide/config.md``), and its choices are
+what validation accepts. A range, or a rule between settings, goes in the section's ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import math
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +27,7 @@ from typing import Any
 import yaml
 
 # The choices, as data: this module imports nothing of the package (every other module may import it). The
-# modules that implement a choice check their own arguments too; tests/test_config.py checks the lists agree.
+# modules that implement a choice check their own arguments too; tests/test_imports.py checks the lists agree.
 MODEL_NAMES = (  # dist_coop.models.registry.MODELS
     "resnet20",
     "resnet32",
@@ -38,6 +45,27 @@ BN_MODES = ("shared", "private")  # dist_coop.models.norm
 HEAD_MODES = ("shared", "private")  # dist_coop.models.head
 TASKS = ("cooperative", "independent")  # dist_coop.coop.task
 DATASETS = ("fashion_mnist",)  # dist_coop.data
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def opt(
+    default: Any,
+    meaning: str,
+    *,
+    choices: tuple[Any, ...] = (),
+    research: bool = False,
+    check: Callable[[Any, str], None] | None = None,
+) -> Any:
+    """A setting: its default and its meaning in one line (what ``dist-coop config`` and docs/guide/config.md show).
+
+    ``choices``: the values it takes, checked on load; ``check(value, "section.key")``: a function that checks it
+    instead (the choices are then only shown); ``research``: it exists for ablations (its default is the recipe)
+    and is listed after the others of its section.
+    """
+    metadata = {"meaning": meaning, "choices": tuple(choices), "research": research, "check": check}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _choice(section: str, name: str, value: object, choices: typing.Iterable[object]) -> None:
@@ -46,16 +74,20 @@ def _choice(section: str, name: str, value: object, choices: typing.Iterable[obj
         raise ValueError(f"{section}.{name} must be one of {choices}, got {value!r}")
 
 
-def _finite(section: str, obj: object) -> None:
-    """Every float of a section (and every float in its lists) is finite: inf and nan slip past range checks."""
-    for f in dataclasses.fields(obj):
+def _check_fields(section: str, obj: object) -> None:
+    """What each field's metadata says: every float (and every float in a list) is finite, as inf and nan slip
+    past range checks; then each value is among its choices, or passes its ``check``."""
+    fields = dataclasses.fields(obj)
+    for f in fields:
         value = getattr(obj, f.name)
         for v in value if isinstance(value, tuple) else (value,):
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{section}.{f.name} must be finite, got {v}")
-
-
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+    for f in fields:
+        if f.metadata.get("check"):
+            f.metadata["check"](getattr(obj, f.name), f"{section}.{f.name}")
+        elif f.metadata.get("choices"):
+            _choice(section, f.name, getattr(obj, f.name), f.metadata["choices"])
 
 
 def check_device(value: str, name: str = "train.device") -> None:
@@ -69,6 +101,11 @@ def _model_name(name: str, field: str) -> None:
         raise ValueError(f"{field}: unknown model {name!r}; available: {sorted(MODEL_NAMES)}")
 
 
+def _leader_name(name: str, field: str) -> None:
+    if name:
+        _model_name(name, field)
+
+
 def _positive(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -76,31 +113,63 @@ def _positive(section: str, name: str, value: float, *, allow_zero: bool = False
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    name: str = "resnet32"
-    width: int = 0  # base channels; 0 = the backbone's default
-    in_channels: int = 3
-    num_classes: int = 10
-    keep: str = "prefix"  # prefix | spread
-    gate: str = "learned"  # learned | none
-    bn: str = "shared"  # shared (per-depth statistics) | private (switchable BN)
-    zero_init: bool = False  # skippable blocks start as the identity (last BN of the branch zeroed)
-    head_norm: bool = True  # BN (per-depth statistics) on the pooled features before the shared classifier
-    head: str = "shared"  # shared classifier | private: each trained depth its own (nets trained at one depth: shared)
-    # compute what several depths compute alike (stem, common blocks) once per step; exact, see
-    # AdaptiveNet.branch_starts (it applies in training with bn: shared); false = every depth its whole forward
-    share_prefix: bool = True
-    leader_name: str = ""  # "" = same backbone as the Teammates
-    leader_width: int = 0  # 0 = same width as the Teammates
+    """The backbone each net is built from, and how its depth adapts."""
+
+    name: str = opt(
+        "resnet32",
+        "the Teammates' backbone (and the Leader's, unless model.leader_name)",
+        choices=MODEL_NAMES,
+        check=_model_name,
+    )
+    width: int = opt(0, "base channels; 0 = the backbone's default")
+    in_channels: int = opt(3, "image channels the nets take (Fashion-MNIST: 1); must match the data")
+    num_classes: int = opt(10, "classes the nets predict; must match the data")
+    keep: str = opt(
+        "prefix",
+        "the blocks a depth keeps in each stage: the first ones (prefix) or evenly spread ones (spread)",
+        choices=KEEP_MODES,
+        research=True,
+    )
+    gate: str = opt(
+        "learned", "learned = a learned scalar gate on each skippable block | none", choices=GATE_MODES, research=True
+    )
+    bn: str = opt(
+        "shared",
+        "shared = BN statistics per depth, affine weights shared | private = both per depth (switchable BN)",
+        choices=BN_MODES,
+        research=True,
+    )
+    zero_init: bool = opt(
+        False, "skippable blocks start as the identity (the last BN of their branch zeroed)", research=True
+    )
+    head_norm: bool = opt(True, "BN (statistics per depth) on the pooled features before the classifier", research=True)
+    head: str = opt(
+        "shared",
+        "shared = one classifier for every depth | private = one per trained depth (a net trained at one depth "
+        "keeps one)",
+        choices=HEAD_MODES,
+        research=True,
+    )
+    # compute what several depths compute alike once per step: exact, see AdaptiveNet.branch_starts
+    share_prefix: bool = opt(
+        True,
+        "compute what several depths compute alike (stem, common blocks) once per step, with the same result "
+        "(in training with model.bn: shared); false = every depth runs its whole forward",
+    )
+    leader_name: str = opt(
+        "", "the Leader's backbone; \"\" = the Teammates' (model.name)", choices=MODEL_NAMES, check=_leader_name
+    )
+    leader_width: int = opt(0, "the Leader's base channels; 0 = the Teammates' width")
+    init: str = opt(
+        "",
+        "trained weights every net starts from (the Leader: unless model.init_leader): a run or checkpoint folder "
+        "(its net of the same role; PATH#net names one), a state dict file of the plain backbone, or "
+        "torchvision:<Weights>.<name> for tv_* models; empty = random init (docs/guide/finetune.md)",
+    )
+    init_leader: str = opt("", "the Leader's trained weights, as model.init; empty = model.init")
 
     def __post_init__(self) -> None:
-        _finite("model", self)
-        _model_name(self.name, "model.name")
-        if self.leader_name:
-            _model_name(self.leader_name, "model.leader_name")
-        _choice("model", "keep", self.keep, KEEP_MODES)
-        _choice("model", "gate", self.gate, GATE_MODES)
-        _choice("model", "bn", self.bn, BN_MODES)
-        _choice("model", "head", self.head, HEAD_MODES)
+        _check_fields("model", self)
         for name in ("in_channels", "num_classes"):
             _positive("model", name, getattr(self, name))
         for name in ("width", "leader_width"):
@@ -109,31 +178,68 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CoopConfig:
-    """The cooperative objective (DESIGN.md section 1); every rung of the ablation ladder is a setting."""
+    """The cooperative objective: the depths trained and how the nets teach each other. Every rung of the
+    ablation ladder is a setting of this section."""
 
-    task: str = "cooperative"  # cooperative | independent (one separate net per depth)
-    scaling_factors: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
-    temperature: float = 1.0  # T = 4 was worse wherever measured (docs/RESULTS.md)
-    teammates: int = 2  # 1 = self-learning only, 2 = interactive learning
-    leader: bool = True  # guided learning
-    sub_nets: bool = True  # False = train the full net only (truncate at inference)
-    self_kd: bool = True  # sub-nets distil from their own full net
-    alpha: float = 1.0  # interactive: weight of KD from the other Teammate
-    beta: float = 1.0  # guided: weight of KD from the Leader
-    gamma: float = 1.0  # SFSL exponent; 0 = uniform weights
-    leader_kd: float = 0.0  # Leader's KD from the Teammates' mean (off by default)
-    kd_warmup: float = 0.3  # fraction of training over which KD weights ramp in from 0 (peer: peer_warmup)
-    peer_warmup: float = 1.0  # the same for the interactive (peer KD) terms: over the whole run (docs/RESULTS.md)
-    gate_reg: float = 0.0  # weight of sum_b (g_b - 1)^2 over the learned gates (0 = off)
-    sub_guided: bool = False  # sub-nets also distil from the Leader (beta * KD(z_X^s, z_L))
-    sub_ce: bool = True  # sub-nets learn from the labels too; False = in-place distillation (KD only)
-    kd_norm: bool = False  # each depth's CE + KD terms divided by the sum of their current weights (a convex mix)
-    # none | correct: every KD term teaches only on the samples its teacher classifies correctly (coop/losses.py)
-    kd_mask: str = "none"
+    task: str = opt(
+        "cooperative",
+        "cooperative = Teammates and Leader trained together | independent = one separate net per depth (the baseline)",
+        choices=TASKS,
+        research=True,
+    )
+    scaling_factors: tuple[float, ...] = opt(
+        (0.25, 0.5, 0.75, 1.0),
+        "the depths trained and evaluated, each a fraction of every stage's blocks; must include 1.0 (the full net)",
+    )
+    temperature: float = opt(1.0, "the softmax temperature T of every KD term (T = 4 was worse wherever measured)")
+    teammates: int = opt(
+        2,
+        "2 = two Teammates learning from each other (interactive) | 1 = self-learning only",
+        choices=(1, 2),
+        research=True,
+    )
+    leader: bool = opt(True, "train a Leader that guides the Teammates (guided learning)", research=True)
+    sub_nets: bool = opt(
+        True, "train the sub-nets too; false = the full net only (truncated at inference)", research=True
+    )
+    self_kd: bool = opt(True, "the sub-nets distil from their own full net", research=True)
+    alpha: float = opt(1.0, "interactive learning: the weight of each Teammate's KD from the other Teammate")
+    beta: float = opt(1.0, "guided learning: the weight of the Teammates' KD from the Leader (needs coop.leader)")
+    gamma: float = opt(1.0, "the exponent of the SFSL weights of the sub-nets' losses; 0 = uniform weights")
+    leader_kd: float = opt(
+        0.0, "the weight of the Leader's KD from the Teammates' mean; 0 = off (needs coop.leader)", research=True
+    )
+    kd_warmup: float = opt(
+        0.3, "the fraction of training over which the KD weights ramp in from 0 (the peer terms: coop.peer_warmup)"
+    )
+    peer_warmup: float = opt(
+        1.0, "the same ramp for the interactive (peer KD) terms; 1.0 = over the whole run (docs/RESULTS.md)"
+    )
+    gate_reg: float = opt(0.0, "the weight of sum_b (g_b - 1)^2 over the learned gates; 0 = off", research=True)
+    sub_guided: bool = opt(False, "the sub-nets also distil from the Leader (beta * KD(z_X^s, z_L))", research=True)
+    sub_ce: bool = opt(
+        True, "the sub-nets learn from the labels too; false = in-place distillation (KD only)", research=True
+    )
+    kd_norm: bool = opt(
+        False,
+        "each depth's CE + KD terms divided by the sum of their current weights (a convex mix)",
+        research=True,
+    )
+    kd_mask: str = opt(
+        "none",
+        "correct = every KD term teaches only on the samples its teacher classifies correctly | none",
+        choices=("none", "correct"),
+        research=True,
+    )
+    leader_mode: str = opt(
+        "train",
+        "train = the Leader learns with the Teammates | frozen = a trained Leader (model.init_leader or "
+        "model.init), forward only in eval mode: no loss, no optimizer, no update",
+        choices=("train", "frozen"),
+    )
 
     def __post_init__(self) -> None:
-        _finite("coop", self)
-        _choice("coop", "task", self.task, TASKS)
+        _check_fields("coop", self)
         if not self.scaling_factors:
             raise ValueError("coop.scaling_factors must not be empty")
         for s in self.scaling_factors:
@@ -143,8 +249,6 @@ class CoopConfig:
             raise ValueError(f"coop.scaling_factors must include 1.0 (the full net), got {list(self.scaling_factors)}")
         if len(set(self.scaling_factors)) != len(self.scaling_factors):
             raise ValueError(f"coop.scaling_factors has duplicates: {list(self.scaling_factors)}")
-        _choice("coop", "teammates", self.teammates, (1, 2))
-        _choice("coop", "kd_mask", self.kd_mask, ("none", "correct"))
         _positive("coop", "temperature", self.temperature)
         for name in ("alpha", "beta", "gamma", "leader_kd", "gate_reg"):
             _positive("coop", name, getattr(self, name), allow_zero=True)
@@ -157,32 +261,43 @@ class CoopConfig:
             raise ValueError("coop.sub_ce: false leaves the sub-nets no teacher; needs coop.self_kd or alpha > 0")
         if self.leader_kd > 0 and not self.leader:
             raise ValueError("coop.leader_kd > 0 needs coop.leader: true")
+        if self.leader_mode == "frozen" and not self.leader:
+            raise ValueError("coop.leader_mode: frozen needs coop.leader: true")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: str = "fashion_mnist"
-    root: str = ""  # folder with the IDX .gz files; "" = /usr/share/datasets/fashion-mnist
-    train_subset: int = 0  # first N training samples (0 = all); a fixed, class-balanced prefix
-    val_subset: int = 0  # 0 = the full test split
-    batch_size: int = 128
-    eval_batch_size: int = 1000
-    augment: bool = True  # random crop with padding + horizontal flip, on tensors
-    crop_padding: int = 2
-    shards: str = ""  # a folder written by `dist-coop shards`: stream from it instead of loading in memory
-    val_split: str = ""  # shards: the evaluation split ("" = val if present, else test)
-    image_size: int = 0  # shards: resize images to this square size (0 = as stored; must be uniform)
-    workers: int = 0  # shards: DataLoader workers per rank
-    on_corrupt: str = "error"  # shards: error | skip (warn, count in data/corrupt_skipped, drop the sample)
+    """Where the images come from, how they are batched and augmented."""
+
+    dataset: str = opt(
+        "fashion_mnist", "the dataset loaded in memory (data.shards streams any other)", choices=DATASETS
+    )
+    root: str = opt("", 'the folder of the Fashion-MNIST IDX .gz files; "" = /usr/share/datasets/fashion-mnist')
+    train_subset: int = opt(0, "train on the first N training samples (a fixed, class-balanced prefix); 0 = all")
+    val_subset: int = opt(0, "evaluate on the first N test samples; 0 = the full test split")
+    batch_size: int = opt(
+        128, "training samples per step on each rank: a net's global batch is this times its data-parallel ranks"
+    )
+    eval_batch_size: int = opt(1000, "samples per evaluation batch")
+    augment: bool = opt(True, "random crop with padding and horizontal flip of the training images")
+    crop_padding: int = opt(2, "pixels of padding around an image before its random crop")
+    shards: str = opt("", "a folder written by `dist-coop shards`: stream from it instead of loading in memory")
+    val_split: str = opt("", 'shards: the evaluation split; "" = val if present, else test')
+    image_size: int = opt(0, "shards: resize images to this square size; 0 = as stored (then all of one size)")
+    workers: int = opt(0, "shards: DataLoader worker processes per rank; 0 = read in the training process")
+    on_corrupt: str = opt(
+        "error",
+        "shards: a sample that does not decode stops the run naming it (error), or is dropped with a warning and "
+        "counted in data/corrupt_skipped (skip)",
+        choices=("error", "skip"),
+    )
 
     def __post_init__(self) -> None:
-        _finite("data", self)
-        _choice("data", "dataset", self.dataset, DATASETS)
+        _check_fields("data", self)
         for name in ("batch_size", "eval_batch_size"):
             _positive("data", name, getattr(self, name))
         for name in ("train_subset", "val_subset", "crop_padding", "image_size", "workers"):
             _positive("data", name, getattr(self, name), allow_zero=True)
-        _choice("data", "on_corrupt", self.on_corrupt, ("error", "skip"))
         if self.shards and (self.train_subset or self.val_subset):
             raise ValueError(
                 "data.train_subset / val_subset apply to in-memory data; write fewer samples into the shards instead"
@@ -191,34 +306,56 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step | constant
-    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of training
-    step_gamma: float = 0.1
-    warmup_steps: int = 0
-    label_smoothing: float = 0.0
-    grad_clip: float = 5.0  # max global grad norm per net (per loss term with clip_scale: terms); 0 = off
-    clip_scale: str = "terms"  # terms: grad_clip * the net's number of loss terms (same safety net per role) | none
-    # a net that trains several depths sums a loss per depth on shared weights (SGD; optim.lr_divisors):
-    # depths = its LR / the number of depths | blocks = each parameter's LR / the depths that run it
-    # | weighted = blocks with each depth counted by its loss weight (SFSL w(s), 1 at full depth)
-    # | blocks_sqrt (default) = each parameter's LR / sqrt(the depths that run it): docs/RESULTS.md, eighth pass | none
-    lr_scale: str = "blocks_sqrt"
-    lr_scale_power: float = 1.0  # depths / blocks / weighted: the LR / d ** power (blocks at 0.5 = blocks_sqrt)
-    keep_decay: bool = False  # with lr_scale, weight decay x the LR divisor: a shared weight decays as a plain net's
-    amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where supported)
+    """The optimizer, its learning-rate schedule, gradient clipping and mixed precision."""
+
+    name: str = opt("sgd", "sgd (with momentum) or adamw", choices=("sgd", "adamw"))
+    lr: float = opt(0.1, "the peak learning rate (reached after optim.warmup_steps)")
+    momentum: float = opt(0.9, "sgd: the momentum")
+    nesterov: bool = opt(True, "sgd: Nesterov momentum")
+    weight_decay: float = opt(5e-4, "weight decay (per step: lr * weight_decay)")
+    schedule: str = opt(
+        "cosine",
+        "the LR after the warmup: cosine to 0 | step (times optim.step_gamma at each optim.milestones) | constant",
+        choices=("cosine", "step", "constant"),
+    )
+    milestones: tuple[float, ...] = opt((0.5, 0.75), "step schedule: the fractions of training where the LR drops")
+    step_gamma: float = opt(0.1, "step schedule: the LR's factor at each milestone")
+    warmup_steps: int = opt(0, "steps over which the LR rises linearly to optim.lr; 0 = none")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy terms, in [0, 1)")
+    grad_clip: float = opt(
+        5.0, "the max global gradient norm of a net (times its number of loss terms, optim.clip_scale); 0 = off"
+    )
+    clip_scale: str = opt(
+        "terms",
+        "terms = optim.grad_clip times the net's number of loss terms (the same safety net per role) | none",
+        choices=("none", "terms"),
+        research=True,
+    )
+    # a net that trains several depths sums a loss per depth on shared weights (SGD; optim.lr_divisors)
+    lr_scale: str = opt(
+        "blocks_sqrt",
+        "the LR of a net that trains several depths: blocks_sqrt = each parameter's LR / sqrt(the depths that run "
+        "it) | blocks = / the depths that run it | weighted = blocks, each depth counted by its loss weight | "
+        "depths = every parameter's LR / the number of depths | none (docs/RESULTS.md)",
+        choices=("none", "depths", "blocks", "weighted", "blocks_sqrt"),
+        research=True,
+    )
+    lr_scale_power: float = opt(
+        1.0, "depths, blocks, weighted: the LR / d ** power (blocks at 0.5 = blocks_sqrt)", research=True
+    )
+    keep_decay: bool = opt(
+        False,
+        "with optim.lr_scale, weight decay times the LR divisor: a shared weight decays as a plain net's",
+        research=True,
+    )
+    amp: str = opt(
+        "none",
+        "mixed precision: none | bf16 | fp16 (CUDA only) | auto: bf16 on a GPU with bf16, fp16 with loss scaling on one without, fp32 on a CPU (both engines)",
+        choices=("none", "bf16", "fp16", "auto"),
+    )
 
     def __post_init__(self) -> None:
-        _finite("optim", self)
-        _choice("optim", "name", self.name, ("sgd", "adamw"))
-        _choice("optim", "schedule", self.schedule, ("cosine", "step", "constant"))
-        _choice("optim", "amp", self.amp, ("none", "bf16", "fp16", "auto"))
-        _choice("optim", "clip_scale", self.clip_scale, ("none", "terms"))
-        _choice("optim", "lr_scale", self.lr_scale, ("none", "depths", "blocks", "weighted", "blocks_sqrt"))
+        _check_fields("optim", self)
         _positive("optim", "lr", self.lr)
         if not 0.0 < self.lr_scale_power <= 1.0:
             raise ValueError(f"optim.lr_scale_power must be in (0, 1], got {self.lr_scale_power}")
@@ -237,68 +374,96 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    epochs: int = 1
-    max_steps: int = 0  # 0 = epochs * steps per epoch; else stop after this many steps
-    seed: int = 0
-    out_dir: str = "runs"
-    run_name: str = ""  # "" = the config file's stem
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch.set_num_threads; 0 = leave as is
-    log_every: int = 20  # steps
-    eval_every: int = 1  # epochs
-    checkpoint_every: int = 0  # steps; 0 = at each epoch end only
-    resume: str = ""  # "" = start fresh, "auto" = latest checkpoint of this run if any, or a checkpoint folder
-    # a fresh run (or a resume from an earlier checkpoint) in a run folder that holds later checkpoints is refused;
-    # true: the earlier run's files are moved aside to <run>.replaced-<time> first
-    overwrite: bool = False
-    recalibrate_bn: int = 0  # after training, recompute each depth's BN statistics on N samples
-    # after training, also evaluate every net at every depth on its training samples without augmentation
-    # (train_eval/acc1/<net>@<s> in results.json beside val/...: how well each depth fits, the fit gap)
-    eval_train: bool = False
-    progress: bool = True
-    on_nonfinite: str = "error"  # a net's loss or gradient is inf/nan: error (stop, naming it) | skip (drop its step)
-    max_nonfinite: int = 10  # skip: stop after this many consecutive skipped steps of one net
-    # parts: each net's loss backpropagated part by part as soon as each part is known (one depth's graph
-    # alive at a time; the same gradients); whole: one backward of the summed loss. auto: parts, except under
-    # DeepSpeed ZeRO-3, which cannot accumulate several backward calls into one step here
-    backward: str = "auto"
-    # the GPU step (unmeasured here: no GPU was lent; see README "Benchmarks"): torch.compile of every residual
-    # block (none | default | reduce-overhead (CUDA graphs) | max-autotune | aot_eager, capture only) and the
-    # channels_last memory format for nets and inputs (with optim.amp: bf16, the fast conv layout on GPUs)
-    compile: str = "none"
-    channels_last: bool = False
+    """The run: its length and seed, its folder and checkpoints, evaluation, and how a step executes."""
+
+    epochs: int = opt(1, "passes over the training data")
+    max_steps: int = opt(0, "stop after this many steps; 0 = epochs * steps per epoch")
+    seed: int = opt(0, "the seed of the nets' initialisation, the data order and the augmentation")
+    out_dir: str = opt("runs", "the folder of the run folders (<out_dir>/<run_name>) and of the default MLflow store")
+    run_name: str = opt("", "the run folder's name, also the MLflow run's; \"\" = the config file's stem (else run)")
+    device: str = opt(
+        "auto",
+        "the device each process trains on (N: a GPU index; auto = a GPU if present)",
+        choices=DEVICES,
+        check=check_device,
+    )
+    threads: int = opt(0, "torch.set_num_threads in each process; 0 = leave as is")
+    log_every: int = opt(20, "log the training metrics every N steps")
+    eval_every: int = opt(1, "evaluate every N epochs (and after the last step)")
+    checkpoint_every: int = opt(0, "save a checkpoint every N steps; 0 = at each epoch end only")
+    resume: str = opt(
+        "", '"" = start fresh | auto = the latest checkpoint of this run if any | a checkpoint folder to continue'
+    )
+    overwrite: bool = opt(
+        False,
+        "a fresh run (or a resume from an earlier checkpoint) in a run folder that holds later checkpoints is "
+        "refused; true = the earlier run's files are moved aside to <run>.replaced-<time> first",
+    )
+    recalibrate_bn: int = opt(0, "after training, recompute each depth's BN statistics on N samples; 0 = off")
+    eval_train: bool = opt(
+        False,
+        "after training, also evaluate every net at every depth on its training samples without augmentation "
+        "(train_eval/acc1/<net>@<s> in results.json: how well each depth fits)",
+    )
+    progress: bool = opt(True, "show a progress bar (on the main rank)")
+    on_nonfinite: str = opt(
+        "error",
+        "a net's loss or gradient is inf/nan: error = stop, naming net and step | skip = drop that net's step",
+        choices=("error", "skip"),
+    )
+    max_nonfinite: int = opt(10, "skip: stop after this many consecutive skipped steps of one net")
+    backward: str = opt(
+        "auto",
+        "parts = each net's loss backpropagated part by part as each part is known (one depth's graph alive at a "
+        "time, the same gradients) | whole = one backward of the summed loss | auto = parts, except under ZeRO-3",
+        choices=("auto", "parts", "whole"),
+    )
+    compile: str = opt(
+        "none",
+        "torch.compile of every residual block: none | default | reduce-overhead (CUDA graphs) | max-autotune | "
+        "aot_eager (capture only)",
+        choices=("none", "default", "reduce-overhead", "max-autotune", "aot_eager"),
+    )
+    channels_last: bool = opt(
+        False, "the channels_last memory format for nets and inputs (with optim.amp: bf16, the fast GPU layout)"
+    )
 
     def __post_init__(self) -> None:
-        _finite("train", self)
-        check_device(self.device)
+        _check_fields("train", self)
         _positive("train", "epochs", self.epochs)
         for name in ("max_steps", "threads", "checkpoint_every", "recalibrate_bn"):
             _positive("train", name, getattr(self, name), allow_zero=True)
         for name in ("log_every", "eval_every", "max_nonfinite"):
             _positive("train", name, getattr(self, name))
-        _choice("train", "on_nonfinite", self.on_nonfinite, ("error", "skip"))
-        _choice("train", "backward", self.backward, ("auto", "parts", "whole"))
-        _choice("train", "compile", self.compile, ("none", "default", "reduce-overhead", "max-autotune", "aot_eager"))
 
 
 @dataclass(frozen=True, kw_only=True)
 class DistConfig:
-    """Placement of the nets on processes and the engine that trains each (DESIGN.md section 2)."""
+    """The placement of the nets on processes, the engine that trains each, and how long ranks wait."""
 
-    placement: str = "auto"  # auto | split | colocated
-    engine: str = "torch"  # torch (plain PyTorch, gradients all-reduced per net group) | deepspeed
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    deepspeed_extra: dict = field(default_factory=dict)  # merged over the generated DeepSpeed config
-    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPUs) | gloo | nccl
-    timeout_s: int = 600  # seconds a rank waits for the others (joining, any collective) before it fails
-    keep_checkpoints: int = 2  # newest checkpoint folders kept
+    placement: str = opt(
+        "auto",
+        "split = each net on its own ranks | colocated = every rank holds every net | auto = split when the world "
+        "size is a multiple (> 1) of the number of nets, else colocated",
+        choices=("auto", "split", "colocated"),
+    )
+    engine: str = opt(
+        "torch",
+        "torch = plain PyTorch, gradients all-reduced per net | deepspeed = DeepSpeed (dist.zero_stage)",
+        choices=("torch", "deepspeed"),
+    )
+    zero_stage: int = opt(
+        0,
+        "DeepSpeed ZeRO stage: 1 partitions the optimizer state, 2 the gradients too, 3 the parameters too",
+        choices=(0, 1, 2, 3),
+    )
+    deepspeed_extra: dict = opt({}, "a mapping merged over the generated DeepSpeed config")
+    backend: str = opt("auto", "auto = nccl on GPUs, gloo on CPUs | gloo | nccl", choices=("auto", "gloo", "nccl"))
+    timeout_s: int = opt(600, "seconds a rank waits for the others (joining, any collective) before it stops")
+    keep_checkpoints: int = opt(2, "the newest complete checkpoint folders kept in the run folder")
 
     def __post_init__(self) -> None:
-        _finite("dist", self)
-        _choice("dist", "placement", self.placement, ("auto", "split", "colocated"))
-        _choice("dist", "engine", self.engine, ("torch", "deepspeed"))
-        _choice("dist", "zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _choice("dist", "backend", self.backend, ("auto", "gloo", "nccl"))
+        _check_fields("dist", self)
         _positive("dist", "timeout_s", self.timeout_s)
         _positive("dist", "keep_checkpoints", self.keep_checkpoints)
         if not isinstance(self.deepspeed_extra, dict):
@@ -307,17 +472,20 @@ class DistConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
-    backend: str = "mlflow"  # mlflow | none
-    uri: str = ""  # "" = sqlite:///<train.out_dir>/mlflow.db
-    experiment: str = "dist_coop"
-    # the final checkpoint in MLflow: reference (a tag and checkpoint.txt naming its folder) | weights (each net's
-    # weights, once, no optimizer state) | none; its files stay in the run folder (dist.keep_checkpoints)
-    log_checkpoint: str = "reference"
+    """Where the metrics go, and what of the final checkpoint MLflow records."""
+
+    backend: str = opt("mlflow", "where the metrics go: an MLflow store, or none", choices=("mlflow", "none"))
+    uri: str = opt("", 'the MLflow tracking URI; "" = sqlite:///<train.out_dir>/mlflow.db')
+    experiment: str = opt("dist_coop", "the MLflow experiment")
+    log_checkpoint: str = opt(
+        "reference",
+        "the final checkpoint in MLflow: reference = a tag and checkpoint.txt naming its folder | weights = each "
+        "net's weights once, no optimizer state | none; its files stay in the run folder",
+        choices=("reference", "weights", "none"),  # dist_coop.track.base
+    )
 
     def __post_init__(self) -> None:
-        _finite("tracking", self)
-        _choice("tracking", "backend", self.backend, ("mlflow", "none"))
-        _choice("tracking", "log_checkpoint", self.log_checkpoint, ("reference", "weights", "none"))  # track.base
+        _check_fields("tracking", self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -419,6 +587,18 @@ def _build(cls: type, section: str, raw: Any) -> Any:
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def setting_path(path: str) -> tuple[str, str | None]:
+    """``"optim"`` -> ``("optim", None)``, ``"optim.lr"`` -> ``("optim", "lr")``; an unknown section or key is
+    refused naming the nearest valid one, as in a config file."""
+    section, _, key = path.partition(".")
+    if section not in SECTIONS:
+        raise ValueError(f"unknown section {section!r}{_nearest(section, SECTIONS)}")
+    names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if key and key not in names:
+        raise ValueError(f"unknown key {section}.{key}{_nearest(key, names)}")
+    return section, key or None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

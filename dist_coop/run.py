@@ -357,7 +357,7 @@ def deepspeed_save_dir(checkpoint: Path, net: str) -> tuple[Path, str]:
 def net_state_dict(checkpoint: Path, net: str, engine: str) -> dict[str, Tensor]:
     """The weights and buffers of ``net`` as group rank 0 saved them (the torch engine's ``<net>.pt``, or
     DeepSpeed's module states; ZeRO-3's partitioned weights gathered by DeepSpeed's own reader)."""
-    if engine == "torch":
+    if engine == "torch" or (checkpoint / f"{net}.pt").is_file():  # a frozen net's weights: always this file
         return load_checkpoint(checkpoint / f"{net}.pt")["module"]
     save_dir, tag = deepspeed_save_dir(checkpoint, net)
     states = sorted((save_dir / tag).glob("*mp_rank_00_model_states.pt"))

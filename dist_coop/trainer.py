@@ -34,12 +34,15 @@ from dist_coop.distributed.comm import (
 )
 from dist_coop.distributed.engine import DeepSpeedEngine, TorchEngine, clip_threshold
 from dist_coop.distributed.env import DistInfo
+from dist_coop.distributed.frozen import FrozenEngine
 from dist_coop.distributed.placement import check_engine_support, plan_placement
 from dist_coop.distributed.resize import check_data_shards, launch_params, layout_of, resume_line
 from dist_coop.durable import DiskFullError, disk_full_line, fsync_tree, is_disk_full
 from dist_coop.evaluate import METRIC_PREFIX, evaluate_sums, selected_depths, split_batches, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
+from dist_coop.models.convert import load_init
+from dist_coop.precision import AUTOCAST_DTYPES, resolve_precision
 from dist_coop.preempt import Preempted
 from dist_coop.protocols import Engine
 from dist_coop.run import (
@@ -55,16 +58,8 @@ from dist_coop.track import NullTracker, Tracker
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``optim.amp`` on ``device`` (None: full fp32)."""
-    if amp == "none":
-        return None
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("optim.amp: fp16 needs a CUDA device; use bf16 or none on CPU")
-        return torch.float16
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16
+    """The autocast dtype for ``optim.amp`` on ``device`` (None: full fp32): ``resolve_precision``'s decision."""
+    return AUTOCAST_DTYPES[resolve_precision(amp, device)]
 
 
 def in_layout(x: Tensor, channels_last: bool) -> Tensor:
@@ -157,6 +152,12 @@ class Trainer:
         self.task = build_task(cfg.coop, label_smoothing=cfg.optim.label_smoothing)
         self.placement = plan_placement(cfg.dist.placement, self.dist.world_size, [s.name for s in self.task.specs])
         check_engine_support(self.placement, cfg.dist.engine, cfg.dist.zero_stage)
+        frozen = cfg.coop.leader and cfg.coop.leader_mode == "frozen"
+        if frozen and cfg.dist.engine == "deepspeed" and self.placement.kind == "split":  # refused on every rank
+            raise ValueError(  # DeepSpeed's checkpoint save is collective over every rank, the frozen net's too
+                "coop.leader_mode: frozen with dist.engine: deepspeed needs dist.placement: colocated "
+                "(or dist.engine: torch)"
+            )
         self.groups = build_groups(self.placement, self.dist)
         self.exchange = LogitExchange(self.placement, self.groups, self.dist)
         self.part_backward = cfg.part_backward()  # train.backward: each net's loss in parts, or summed
@@ -167,6 +168,8 @@ class Trainer:
         self.train_data = virtual_shards(data.train, shard, self.placement.num_shards, self.data_shards)
         self.layout = layout_of(self.placement, self.train_data.batch_size)  # kept in checkpoints
         self.data = data
+        # one decision for both engines (dist_coop/precision.py): the torch engine's autocast, DeepSpeed's bf16 / fp16
+        self.precision = resolve_precision(cfg.optim.amp, self.device)
         self.inputs = Inputs(data.input_shape, data.train.mean, data.train.std, data.classes)  # kept in checkpoints
         self.steps_per_epoch = len(self.train_data)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
@@ -176,7 +179,7 @@ class Trainer:
             spec.name: self._engine(i, spec) for i, spec in enumerate(self.task.specs) if spec in self.local_specs
         }
         engine_amp = cfg.dist.engine == "deepspeed"  # DeepSpeed casts the model itself
-        self.amp_dtype = None if engine_amp else resolve_amp(cfg.optim.amp, self.device)
+        self.amp_dtype = None if engine_amp else AUTOCAST_DTYPES[self.precision]
         self.guard = StepGuard(
             [s.name for s in self.task.specs],
             self.nets,
@@ -192,13 +195,26 @@ class Trainer:
 
     def _engine(self, index: int, spec: NetSpec) -> Engine:
         torch.manual_seed(self.cfg.train.seed * 1000 + index)  # same init whatever the placement
-        net = spec.build(self.cfg.model, self.cfg.coop.scaling_factors).to(self.device)
+        net = spec.build(self.cfg.model, self.cfg.coop.scaling_factors)
+        model = self.cfg.model
+        init = (model.init_leader or model.init) if spec.leader else model.init
+        frozen = spec.leader and self.cfg.coop.leader_mode == "frozen"
+        if frozen and not init:
+            raise ValueError(
+                "coop.leader_mode: frozen needs a trained Leader: set model.init_leader (or model.init) to a run, "
+                "a state dict file or torchvision weights"
+            )
+        if init:  # every rank of the net's group reads the same source: the same weights
+            load_init(net, init, spec.name if spec.leader else "teammate_a", log=self.log)
+        net = net.to(self.device)
         if self.cfg.train.channels_last:
             check_cpu_layout(net, self.device)
             net = net.to(memory_format=torch.channels_last)
         if self.cfg.train.compile != "none":
             net.compile_blocks(self.cfg.train.compile)
         group = self.groups.net.get(spec.name)
+        if frozen:
+            return FrozenEngine(net, group_rank=self.placement.net_ranks(spec.name).index(self.dist.rank))
         optim = self.cfg.optim
         max_norm = clip_threshold(optim.grad_clip, optim.clip_scale, self.task.num_terms(spec.name))
         if self.cfg.dist.engine == "deepspeed":
@@ -213,7 +229,7 @@ class Trainer:
                 max_norm=max_norm,
                 depths=spec.trained_weights(),
             )
-        fp16 = resolve_amp(self.cfg.optim.amp, self.device) == torch.float16
+        fp16 = self.precision == "fp16"  # autocast to fp16 with loss scaling
         return TorchEngine(
             net, optim, self.total_steps, group=group, fp16=fp16, max_norm=max_norm, depths=spec.trained_weights()
         )
@@ -235,7 +251,7 @@ class Trainer:
         ``logs=False`` returns {} and skips the ``.item()`` calls (a device sync per term on GPUs).
         """
         for engine in self.engines.values():
-            engine.module.train()
+            engine.module.train(not isinstance(engine, FrozenEngine))
         self.task.set_progress(self.step, self.total_steps)
         self.guard.snapshot()  # skip mode: a skipped step must not leave its BN statistics behind
         x = in_layout(x, self.cfg.train.channels_last)
@@ -247,6 +263,9 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for name, value in terms.items():
             totals[net_of(name)] = totals.get(net_of(name), 0.0) + value
+        for name, engine in self.engines.items():  # a frozen net has no terms: a zero loss, its backward a no-op
+            if isinstance(engine, FrozenEngine):
+                totals[name] = torch.zeros((), device=self.device)
         if self.part_backward:
             self._step_after_parts(totals)
         else:
@@ -422,7 +441,10 @@ class Trainer:
         """
         for spec in self.local_specs:
             engine = self.engines[spec.name]
+            frozen = isinstance(engine, FrozenEngine)  # its full depth stays as loaded; its truncations get statistics
             for s in selected_depths(spec, "untrained" if untrained_only else "all"):
+                if frozen and s == 1.0:
+                    continue
                 recalibrate_bn(engine.module, (x.to(engine.dtype) for x in self.data.calibration(num_samples)), s)
 
     # ------------------------------------------------------------------ checkpoints
@@ -520,6 +542,6 @@ class Trainer:
         self.log(resume_line(folder, self.step, state.layout, self.layout, global_batch))
 
     def launch_params(self) -> dict[str, str]:
-        """This launch's world and micro-batch as tracker params, logged with the config's: a resume that changes
-        them is recorded as tags such as ``resume/1/launch.world`` = ``"6 ranks split -> 3 ranks split"``."""
-        return launch_params(self.layout)
+        """This launch's world, micro-batch and precision as tracker params, logged with the config's: a resume that
+        changes them is recorded as tags such as ``resume/1/launch.world`` = ``"6 ranks split -> 3 ranks split"``."""
+        return {**launch_params(self.layout), "launch.precision": self.precision}

@@ -21,6 +21,11 @@ fi
 if ! command -v ffmpeg >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
 fi
+# Slurm and munge (tests/test_slurm.py starts a one-node cluster of its own); installed where we can, otherwise
+# those tests skip
+if ! command -v slurmctld >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+fi
 
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ]; then

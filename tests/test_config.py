@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -114,3 +115,47 @@ def test_every_float_of_every_section_must_be_finite():
                 checked.append(f"{section}.{f.name}")
     assert {"optim.lr", "coop.alpha", "coop.scaling_factors", "optim.milestones"} <= set(checked)
     assert load_config(None, ["--optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
+
+
+def test_every_choice_list_is_the_fields_metadata_and_validation_reads_it():
+    """Each setting's values are held once, in its field's metadata: every listed value loads, any other is
+    refused naming the setting (and, where no function checks it, the values from that metadata)."""
+    checked = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            choices = f.metadata["choices"]
+            if not choices:
+                continue
+            for value in choices:
+                if value != "cuda:N":  # a pattern: cuda:0, cuda:1, ...
+                    assert getattr(getattr(config_from_dict({section: {f.name: value}}), section), f.name) == value
+            bad = 7 if isinstance(choices[0], int) else "no-such-value"
+            if f.metadata["check"] is None:
+                expected = rf"^{section}\.{f.name} must be one of {re.escape(str(list(choices)))}, got"
+            else:  # a function checks it (a model name, a device pattern); its message names the setting too
+                expected = rf"^{section}\.{f.name}\b"
+            with pytest.raises(ValueError, match=expected):
+                config_from_dict({section: {f.name: bad}})
+            checked.append(f"{section}.{f.name}")
+    assert {"optim.amp", "coop.teammates", "dist.zero_stage", "train.device", "tracking.log_checkpoint"} <= set(checked)
+    assert load_config(None, ["--model.leader_name="]).model.leader_name == ""  # "" = the Teammates' backbone
+
+
+def test_no_section_repeats_a_choice_list_in_its_checks():
+    """``_choice`` is called only by the metadata check: a ``__post_init__`` holding a list of values would be a
+    second copy of them."""
+    import ast
+    import inspect
+
+    from dist_coop import config
+
+    for cls in SECTIONS.values():
+        tree = ast.parse(inspect.getsource(cls))
+        calls = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        assert "_choice" not in calls, cls.__name__
+    assert "_choice" in inspect.getsource(config._check_fields)
+
+
+def test_a_mapping_default_is_not_shared_between_configs():
+    a, b = Config(), Config()
+    assert a.dist.deepspeed_extra == {} and a.dist.deepspeed_extra is not b.dist.deepspeed_extra

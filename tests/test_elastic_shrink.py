@@ -134,7 +134,11 @@ def test_trainer_reads_the_virtual_shards_of_the_run(tmp_path, fmnist_root):
     assert trainer.layout == {"world_size": 1, "placement": "colocated", "micro_batch": 64}
     for (x, y), *parts in zip(trainer.train_data.epoch(1, 2), two[0].epoch(1, 2), two[1].epoch(1, 2)):
         assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
-    assert trainer.launch_params() == {"launch.world": "1 rank colocated", "launch.micro_batch": "64"}
+    assert trainer.launch_params() == {
+        "launch.world": "1 rank colocated",
+        "launch.micro_batch": "64",
+        "launch.precision": "fp32",
+    }
 
     with pytest.raises(
         ValueError, match=r"\(2 ranks colocated\) cannot share them evenly; launch it on a world size of 1, 3, 9 \("

@@ -1,5 +1,6 @@
 """Cost profile, budget -> depth, and the run-time controller."""
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_coop.infer.budget import choose_depth
+from dist_coop.infer.budget import choose_depth, latency_warning
 from dist_coop.infer.controller import AdaptiveRunner, DepthController
 from dist_coop.infer.profile import DepthProfile, Profile, profile_net
 from dist_coop.models import build_model
@@ -35,6 +36,72 @@ def test_profile_of_a_real_net_falls_with_depth(tmp_path):
     again = Profile.from_json(p.save(tmp_path / "p.json").read_text())
     assert again == p
     assert "ms@b8" in p.table()
+
+
+def test_profile_in_onnxruntime_and_pt2_records_runtime_and_threads(tmp_path, monkeypatch):
+    """``runtime="onnxruntime"`` times a real onnxruntime session per depth, with the threads asked for; pt2 times
+    each depth's torch.export program; the JSON keeps both, and a profile from before they were kept still loads."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    sessions = []
+
+    class Recorded(ort.InferenceSession):
+        def __init__(self, model, sess_options=None, providers=None, **kw):
+            super().__init__(model, sess_options=sess_options, providers=providers, **kw)
+            sessions.append((sess_options.intra_op_num_threads, self.get_providers()))
+
+    monkeypatch.setattr(ort, "InferenceSession", Recorded)
+    threads = torch.get_num_threads()
+    net = build_model("resnet20", [0.25, 1.0], width=4, in_channels=1)
+    p = profile_net(net, (1, 28, 28), batch_sizes=(1, 3), repeats=2, warmup=1, runtime="onnxruntime", threads=1)
+    assert sessions == [(1, ["CPUExecutionProvider"])] * 2  # one session per depth
+    assert all(ms > 0 for d in p.depths for ms in d.latency_ms.values())
+    raw = json.loads(p.save(tmp_path / "p.json").read_text())
+    assert raw["runtime"] == "onnxruntime" and raw["threads"] == 1
+    assert Profile.from_json(json.dumps(raw)) == p and "measured in onnxruntime, 1 thread, cpu" in p.table()
+    p2 = profile_net(net, (1, 28, 28), batch_sizes=(2,), repeats=2, warmup=1, runtime="pt2", threads=2)
+    assert (p2.runtime, p2.threads) == ("pt2", 2) and all(d.latency_ms[2] > 0 for d in p2.depths)
+    assert torch.get_num_threads() == threads  # put back as it was
+    del raw["runtime"], raw["threads"]  # written before they were kept
+    assert Profile.from_json(json.dumps(raw)).measured_in() == "eager, threads not recorded, cpu"
+    with pytest.raises(ValueError, match="--runtime must be one of"):
+        profile_net(net, (1, 28, 28), runtime="tflite")
+    with pytest.raises(ValueError, match="--threads must be at least 1"):
+        profile_net(net, (1, 28, 28), threads=0)
+
+
+def _profile_file(tmp_path: Path, latencies: list[float]) -> Path:
+    """A profile JSON as ``dist-coop profile`` writes it (onnxruntime, 2 threads), batch-1 latencies given."""
+    rows = [
+        DepthProfile(s, blocks, gflops, 1000 * blocks, {1: ms}, 70.0 + s)
+        for (s, blocks, gflops), ms in zip([(0.25, 3, 0.005), (0.5, 9, 0.016), (1.0, 15, 0.026)], latencies)
+    ]
+    return Profile("cpu", (1, 28, 28), tuple(rows), "onnxruntime", 2).save(tmp_path / "profile.json")
+
+
+def test_budget_command_names_the_runtime_and_warns_when_latency_does_not_fall_with_depth(tmp_path, capsys):
+    from dist_coop.cli import main
+
+    normal = _profile_file(tmp_path, [0.10, 0.20, 0.30])
+    assert main(["budget", str(normal), "--max-latency-ms", "0.25"]) == 0
+    out, err = capsys.readouterr()
+    assert out == (
+        "budget -> depth 0.5 (9 blocks, 0.0160 GFLOPs, 9,000 params, top-1 70.50 %; 0.200 ms at batch 1 in "
+        "onnxruntime, 2 threads, cpu)\n"
+    )
+    assert err == "" and latency_warning(Profile.from_json(normal.read_text())) == ""
+    for latencies in ([0.30, 0.20, 0.10], [0.10, 0.30, 0.20], [0.20, 0.20, 0.20]):  # falling, a bump, flat
+        busy = _profile_file(tmp_path, latencies)
+        assert main(["budget", str(busy), "--max-gflops", "1"]) == 0
+        out, err = capsys.readouterr()
+        assert "in onnxruntime, 2 threads, cpu)" in out
+        assert len(err.splitlines()) == 1
+        assert err.startswith("dist-coop: warning: latency does not fall with depth at batch 1 in onnxruntime, 2 ")
+    assert main(["budget", str(tmp_path), "--max-gflops", "1"]) == 2  # a folder without profile_teammate_a.json
+    assert "no profile of teammate_a in" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["budget", str(tmp_path / "bad.json"), "--max-gflops", "1"]) == 2
+    assert "is not a profile written by dist-coop profile" in capsys.readouterr().err
 
 
 def test_budget_picks_the_most_accurate_fitting_depth():
@@ -127,6 +194,14 @@ def test_profile_export_stream_commands_on_a_trained_run(tmp_path, fmnist_root, 
     assert [d.s for d in fitting] == [0.25, 0.5] and all(d.accuracy is not None for d in profile.depths)
     best = max(fitting, key=lambda d: (d.accuracy, d.s))
     assert "ms@b4" in out and f"budget -> depth {best.s} " in out
+    assert (profile.runtime, profile.threads) == ("eager", 1) and "in eager, 1 thread, cpu)" in out
+    assert main(["profile", run, "--runtime", "onnxruntime", "--threads", "1", "--repeats", "2", "--batch", "2"]) == 0
+    saved = json.loads((tmp_path / "r" / "profile_teammate_a.json").read_text())
+    assert (saved["runtime"], saved["threads"]) == ("onnxruntime", 1)
+    assert all(ms > 0 for d in saved["depths"] for ms in d["latency_ms"].values())
+    capsys.readouterr()
+    assert main(["budget", run, "--max-gflops", "0.003"]) == 0
+    assert "in onnxruntime, 1 thread, cpu)" in capsys.readouterr().out
     assert main(["profile", run, "--repeats", "1", "--max-gflops", "1e-9"]) == 2  # nothing fits: a clear error
     assert "no depth fits the budget" in capsys.readouterr().err
     _export_with_deprecations_as_errors(run, tmp_path)
@@ -148,7 +223,9 @@ def test_profile_export_stream_commands_on_a_trained_run(tmp_path, fmnist_root, 
 
 def _export_with_deprecations_as_errors(run: str, tmp_path: Path) -> None:
     """The real CLI in a fresh interpreter, deprecation and future warnings as errors: the default format (pt2)
-    and ONNX, each equal to the adaptive net at that depth at batch 1 and 5."""
+    and ONNX, each (normalisation in the graph, by default) on pixels in [0, 1] equal to the adaptive net at that
+    depth on the normalised pixels, at batch 1 and 5."""
+    from dist_coop.data import fashion_mnist
     from dist_coop.run import load_run
 
     flags = ["-W", "error::DeprecationWarning", "-W", "error::FutureWarning"]
@@ -163,9 +240,9 @@ def _export_with_deprecations_as_errors(run: str, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 5):
-        x = torch.randn(batch, 1, 28, 28)
+        x = torch.rand(batch, 1, 28, 28)  # pixels / 255
         with torch.no_grad(), net.at_depth(0.5):
-            expected = net(x)
+            expected = net((x - fashion_mnist.MEAN[0]) / fashion_mnist.STD[0])
         torch.testing.assert_close(program(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
             torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), expected, rtol=1e-4, atol=1e-4

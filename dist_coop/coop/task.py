@@ -68,6 +68,8 @@ class CooperativeTask:
         self.factors = tuple(sorted(coop.scaling_factors))
         self.sub_factors = tuple(s for s in self.factors if s < 1.0) if coop.sub_nets else ()
         self.weights = sfsl_weights(self.sub_factors, coop.gamma)
+        # nets that only give soft targets (coop.leader_mode: frozen): no loss terms, no backward
+        self.frozen = {LEADER} if coop.leader and coop.leader_mode == "frozen" else set()
         self.kd_scale = 1.0  # the distillation ramp at the current step (set_progress)
         self.peer_scale = 1.0  # the ramp of the interactive (peer KD) terms
         teammates = (TEAMMATE_A, TEAMMATE_B)[: coop.teammates]
@@ -95,7 +97,7 @@ class CooperativeTask:
         """The nets whose soft targets (detached full logits) net ``name``'s terms read, its own included."""
         c = self.cfg
         if name == LEADER:
-            return {s.name for s in self.specs if s.name != LEADER} if c.leader_kd > 0 else set()
+            return {s.name for s in self.specs if s.name != LEADER} if c.leader_kd > 0 and not self.frozen else set()
         peer = self.peer(name)
         guide = {LEADER} if c.leader and c.beta > 0 else set()
         return {name} | ({peer} if peer is not None and c.alpha > 0 else set()) | guide
@@ -133,7 +135,9 @@ class CooperativeTask:
     def full_terms(
         self, name: str, net: AdaptiveNet, z: Tensor, y: Tensor, soft: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        """Net ``name``'s terms at s = 1 (``net_terms``), ``z`` its full-depth logits."""
+        """Net ``name``'s terms at s = 1 (``net_terms``), ``z`` its full-depth logits; none for a frozen net."""
+        if name in self.frozen:
+            return {}
         c, t, r, p = self.cfg, self.cfg.temperature, self.kd_scale, self.peer_scale
         m = y if c.kd_mask == "correct" else None  # KD only where the teacher is right
         terms = {term_name(name, "ce", 1.0): cross_entropy(z, y, self.label_smoothing)}
@@ -250,6 +254,9 @@ class CooperativeTask:
             backward(name, forwards[name].scaled(sum(terms.values())), last)
 
         def finish(ready: list[str]) -> None:
+            for name in [n for n in ready if n in self.frozen]:  # soft targets only: nothing to backpropagate
+                del full[name], forwards[name]
+            ready = [n for n in ready if n not in self.frozen]
             for name in ready:  # the full-depth graphs first: the largest
                 last = not (self.sub_depths(name) or forwards[name].detach)
                 part(name, self.full_terms(name, nets[name], full.pop(name), y, soft), last)

@@ -31,6 +31,7 @@ from dist_coop.distributed.env import ignore_deepspeed_deprecations
 from dist_coop.distributed.resize import load_deepspeed_checkpoint
 from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.optim import Depths, build_optimizer, build_scheduler
+from dist_coop.precision import resolve_precision
 from dist_coop.run import deepspeed_save_dir
 
 # DeepSpeed's CPU shared-memory collective (a C++ op compiled on first use, ~1 min on 2 cores, and needing a
@@ -303,22 +304,24 @@ def deepspeed_config(
     *,
     micro_batch: int,
     dp_size: int,
+    device: torch.device | str,
     max_norm: float | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config, generated from our YAML in this one place.
 
-    From the ``optim`` (precision, clipping) and ``dist`` (ZeRO stage) sections;
-    ``dist.deepspeed_extra`` keys are merged over the result.
+    From the ``optim`` (clipping; precision: ``optim.amp`` on ``device`` as ``resolve_precision`` decides it for
+    both engines, so ``auto`` is bf16 or fp16 here as it is under the torch engine) and ``dist`` (ZeRO stage)
+    sections; ``dist.deepspeed_extra`` keys are merged over the result.
     """
-    amp = optim.amp
+    precision = resolve_precision(optim.amp, device)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * dp_size,
         "gradient_clipping": optim.grad_clip if max_norm is None else max_norm,
         "zero_optimization": {"stage": dist_cfg.zero_stage},
-        "bf16": {"enabled": amp == "bf16"},
-        "fp16": {"enabled": amp == "fp16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -363,12 +366,15 @@ class DeepSpeedEngine(_NetAccess):
         # fp32 ZeRO-0: DeepSpeed would clip with a Python loop over parameters (a norm and a multiply kernel
         # each, plus an all-reduce of the norm); the gradients are whole on every rank, so this engine clips
         # them as the torch engine does (two foreach kernels) and DeepSpeed is told not to
-        self.own_clipping = dist_cfg.zero_stage == 0 and optim.amp == "none" and self.max_norm > 0
+        device = next(net.parameters()).device
+        fp32 = resolve_precision(optim.amp, device) == "fp32"
+        self.own_clipping = dist_cfg.zero_stage == 0 and fp32 and self.max_norm > 0
         self.config = deepspeed_config(
             optim,
             dist_cfg,
             micro_batch=micro_batch,
             dp_size=dp_size,
+            device=device,
             max_norm=0.0 if self.own_clipping else self.max_norm,
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

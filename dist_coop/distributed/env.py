@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from dist_coop.distributed.slurm import slurm_launch_env
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -80,9 +82,15 @@ def init_distributed(
 ) -> DistInfo:
     """Start the default process group from the launcher's variables (or a world of one).
 
+    A task that ``srun`` started with no launcher in between gets them from Slurm's (:func:`slurm_launch_env`).
     ``timeout_s`` bounds the wait for the other ranks to join and every later collective.
     """
+    from_process = env is None
     env = os.environ if env is None else env
+    if slurm := slurm_launch_env(env):  # tasks of `srun -n N` with no launcher in between: one rank each
+        if from_process:  # DeepSpeed and the CLI's error line read RANK / LOCAL_RANK from the environment
+            os.environ.update(slurm)
+        env = {**env, **slurm}
     world_size = int(env.get("WORLD_SIZE", "1"))
     rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)

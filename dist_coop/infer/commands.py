@@ -1,4 +1,4 @@
-"""``dist-coop profile | export | stream``: deploy a trained net, read from its run folder by ``load_run`` (no
+"""``dist-coop profile | budget | export | stream``: deploy a trained net, read from its run folder by ``load_run`` (no
 trainer, optimizer or dataset is built)."""
 
 from __future__ import annotations
@@ -9,15 +9,24 @@ from pathlib import Path
 
 import torch
 
-from dist_coop.infer.budget import choose_depth
+from dist_coop.infer.budget import choice_line, choose_depth, latency_warning
 from dist_coop.infer.controller import AdaptiveRunner, DepthController
-from dist_coop.infer.export import DEFAULT_FORMAT, FORMATS, LEGACY_FORMATS, SUFFIXES, check_out_path, export
-from dist_coop.infer.profile import Profile, profile_net
+from dist_coop.infer.export import (
+    DEFAULT_FORMAT,
+    FORMATS,
+    GRAPH_FORMATS,
+    LEGACY_FORMATS,
+    SUFFIXES,
+    check_normalize,
+    check_out_path,
+    export,
+)
+from dist_coop.infer.profile import RUNTIMES, Profile, profile_net
 from dist_coop.run import Run, depth_accuracy, load_run, profile_path, require_device
 
 
 def add_parsers(sub, parents: list[argparse.ArgumentParser] | None = None) -> None:
-    """``profile``, ``export`` and ``stream``; ``parents`` hold the options every command shares."""
+    """``profile``, ``budget``, ``export`` and ``stream``; ``parents`` hold the options every command shares."""
     parents = parents or []
     p = sub.add_parser(
         "profile",
@@ -29,10 +38,23 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser] | None = None) -> No
     p.add_argument("--batch", type=int, default=64, help="the second batch size timed (batch 1 always is)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-gflops", type=float)
-    p.add_argument("--max-latency-ms", type=float)
-    p.add_argument("--max-params", type=int)
-    p.add_argument("--budget-batch", type=int, default=1, help="batch size the latency budget refers to")
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="eager",
+        help="what runs the timed forwards, as it will serve: eager (the adaptive net in PyTorch), pt2 (each depth's "
+        "torch.export program), onnxruntime (each depth's ONNX export, CPU provider)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of the runtime (torch or onnxruntime)")
+    _budget_arguments(p, "--budget-batch")
+    b = sub.add_parser(
+        "budget",
+        parents=parents,
+        help="the most accurate depth within a budget, from the profile dist-coop profile saved",
+    )
+    b.add_argument("profile", help="a run directory (its profile_<net>.json) or a profile JSON file")
+    b.add_argument("--net", default="teammate_a")
+    _budget_arguments(b, "--batch")
     e = sub.add_parser(
         "export", parents=parents, help="a static sub-net at one depth: pt2 (torch.export), onnx, state_dict"
     )
@@ -48,6 +70,14 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser] | None = None) -> No
         "legacy, torch.jit is deprecated in torch",
     )
     e.add_argument("--out", required=True)
+    e.add_argument(
+        "--normalize-in-graph",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put (x - mean) / std first in the graph, so pixels / 255 in [0, 1] go straight in (the default for "
+        f"{', '.join(GRAPH_FORMATS)}); --no-normalize-in-graph: the graph takes standardised input, as the nets did "
+        "in training (state_dict always)",
+    )
     s = sub.add_parser(
         "stream", parents=parents, help="classify a video's frames, the controller holding a latency target"
     )
@@ -68,6 +98,34 @@ def add_parsers(sub, parents: list[argparse.ArgumentParser] | None = None) -> No
     )
 
 
+def _budget_arguments(p: argparse.ArgumentParser, batch_flag: str) -> None:
+    p.add_argument("--max-gflops", type=float)
+    p.add_argument("--max-latency-ms", type=float)
+    p.add_argument("--max-params", type=int)
+    p.add_argument(batch_flag, type=int, default=1, help="batch size the latency budget refers to")
+
+
+def _has_budget(args: argparse.Namespace) -> bool:
+    return args.max_gflops is not None or args.max_latency_ms is not None or args.max_params is not None
+
+
+def _print_budget(profile: Profile, args: argparse.Namespace, batch_size: int) -> None:
+    d = choose_depth(
+        profile,
+        max_gflops=args.max_gflops,
+        max_latency_ms=args.max_latency_ms,
+        max_params=args.max_params,
+        batch_size=batch_size,
+    )
+    print(choice_line(profile, d, batch_size))
+
+
+def _warn_latency(profile: Profile) -> None:
+    warning = latency_warning(profile)
+    if warning:
+        print(f"dist-coop: warning: {warning}", file=sys.stderr)
+
+
 def profile_command(args: argparse.Namespace) -> Profile:
     run = load_run(args.run, require_device(args.device, "--device"), nets=[args.net])
     profile = profile_net(
@@ -76,22 +134,36 @@ def profile_command(args: argparse.Namespace) -> Profile:
         batch_sizes=sorted({1, args.batch}),
         accuracy=depth_accuracy(run.folder, args.net),
         repeats=args.repeats,
+        runtime=args.runtime,
+        threads=args.threads,
     )
     path = profile.save(profile_path(run.folder, args.net))
     print(profile.table())
     print(f"profile written to {path}")
-    if args.max_gflops is not None or args.max_latency_ms is not None or args.max_params is not None:
-        d = choose_depth(
-            profile,
-            max_gflops=args.max_gflops,
-            max_latency_ms=args.max_latency_ms,
-            max_params=args.max_params,
-            batch_size=args.budget_batch,
-        )
-        print(
-            f"budget -> depth {d.s} ({d.blocks} blocks, {d.gflops:.4f} GFLOPs, {d.latency_ms.get(args.budget_batch, float('nan')):.3f} ms, top-1 {d.accuracy})"
-        )
+    _warn_latency(profile)
+    if _has_budget(args):
+        _print_budget(profile, args, args.budget_batch)
     _log_to_mlflow(run, profile, args.net, path)
+    return profile
+
+
+def budget_command(args: argparse.Namespace) -> Profile:
+    """The budget applied to a saved profile: a profile JSON, or the run folder's ``profile_<net>.json``."""
+    if not _has_budget(args):
+        raise ValueError("give a budget: --max-gflops, --max-latency-ms and/or --max-params")
+    path = Path(args.profile)
+    if path.is_dir():
+        path = profile_path(path, args.net)
+        if not path.is_file():
+            raise FileNotFoundError(f"no profile of {args.net} in {args.profile}: run dist-coop profile {args.profile}")
+    elif not path.is_file():
+        raise FileNotFoundError(f"profile not found: {path}")
+    try:
+        profile = Profile.from_json(path.read_text())
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a profile written by dist-coop profile ({type(e).__name__}: {e})") from None
+    _warn_latency(profile)
+    _print_budget(profile, args, args.batch)
     return profile
 
 
@@ -122,9 +194,26 @@ def export_command(args: argparse.Namespace) -> Path:
             "prefer --format pt2 or onnx",
             file=sys.stderr,
         )
+    normalize = args.normalize_in_graph if args.normalize_in_graph is not None else args.format in GRAPH_FORMATS
+    check_normalize(args.format, normalize)
     run = load_run(args.run, "cpu", nets=[args.net])
-    path = export(run.nets[args.net], args.depth, args.out, args.format, run.inputs.shape)
+    inputs = run.inputs
+    path = export(
+        run.nets[args.net],
+        args.depth,
+        args.out,
+        args.format,
+        inputs.shape,
+        inputs=inputs,
+        normalize_in_graph=normalize,
+        name=args.net,
+    )
     print(f"depth {args.depth} of {args.net} written as {args.format} to {path}")
+    what = "pixels / 255 in [0, 1], normalised in the graph" if normalize else "(pixels / 255 - mean) / std"
+    print(
+        f"input: float32 (N, {', '.join(map(str, inputs.shape))}), {what}; mean {list(inputs.mean)}, std "
+        f"{list(inputs.std)}; {len(inputs.classes)} classes (in the file's metadata)"
+    )
     return path
 
 
@@ -163,4 +252,9 @@ def stream_command(args: argparse.Namespace) -> str:
     return summary
 
 
-COMMANDS = {"profile": profile_command, "export": export_command, "stream": stream_command}
+COMMANDS = {
+    "profile": profile_command,
+    "budget": budget_command,
+    "export": export_command,
+    "stream": stream_command,
+}
