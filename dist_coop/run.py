@@ -161,7 +161,6 @@ def publish_checkpoint(staged: Path, checkpoint: Path, keep: int) -> None:
     same step already there (the report's save after the last step's) is moved to ``.replaced`` first and deleted
     last: at every instant ``latest`` names a complete checkpoint (``latest_checkpoint`` reads ``.replaced`` in
     between, and ``recover_checkpoints`` puts it back after a crash there)."""
-    fsync_tree(staged)
     replaced = checkpoint.parent / REPLACED / checkpoint.name
     if checkpoint.exists():
         shutil.rmtree(replaced, ignore_errors=True)

@@ -67,8 +67,10 @@ _FILTER = _DropLoggedStoreErrors()
 
 
 def quiet_store_errors() -> None:
-    """Stop MLflow logging a store error's traceback: ``store_errors`` reports it in one line (idempotent)."""
+    """Stop MLflow logging a store error's traceback (``store_errors`` reports it in one line) and its progress notes
+    on the tables (idempotent)."""
     logger = logging.getLogger(MLFLOW_DB_LOGGER)
+    logger.setLevel(logging.WARNING)  # not its INFO lines on creating or upgrading the tables either
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
 
