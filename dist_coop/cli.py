@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dist_coop.config import Config, load_config
-from dist_coop.data import Data, build_data
+from dist_coop.data import build_data
 from dist_coop.distributed.comm import broadcast_text
 from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed, peer_failure
 from dist_coop.durable import DiskFullError, disk_full_line, error_chain, is_disk_full
@@ -52,7 +52,6 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
                 print("\n".join(launch.start_lines()), flush=True)
             lock, run_dir, resume = claim_run_folder(cfg, info)
             data = build_data(cfg.data, seed=cfg.train.seed, device=info.device)
-            _check_data_matches_model(cfg, data)
             run_id = TrainerState.load(resume).mlflow_run_id if resume else ""
             tracker = build_tracker(
                 cfg.tracking,
@@ -133,14 +132,6 @@ def disk_full_error_line(error: BaseException) -> str:
     where = f" writing {name}" if name else ""
     disk = f" ({disk_full_line(name)})" if name else ""
     return f"no space left on device{where}{disk}; free space and run the command again"
-
-
-def _check_data_matches_model(cfg: Config, data: Data) -> None:
-    if cfg.model.in_channels != data.in_channels or cfg.model.num_classes != data.num_classes:
-        raise ValueError(
-            f"model.in_channels/num_classes are {cfg.model.in_channels}/{cfg.model.num_classes} but "
-            f"data.dataset {cfg.data.dataset!r} has {data.in_channels} channels and {data.num_classes} classes"
-        )
 
 
 def evaluate_checkpoint(path: str | Path, device: str = "auto", split: str = "val") -> str:
