@@ -429,11 +429,14 @@ class Runner:
         self.lock = threading.Lock()
         self.stopping = False
 
-    def run(self, job: Job) -> dict[str, Any]:
-        """Train ``job`` from scratch; on success write its JSON and delete its checkpoints. Raises on failure."""
+    def run(self, job: Job, keep: bool = False, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Train ``job`` from scratch; on success write its JSON and delete its checkpoints (unless ``keep``).
+        ``extra`` settings are passed after the job's own (run-specific paths such as model.init), and the record
+        lists them among its overrides. Raises on failure."""
         run_dir, log = self.work_dir / job.key, self.work_dir / f"{job.key}.log"
         shutil.rmtree(run_dir, ignore_errors=True)  # a killed earlier attempt: start over
         overrides = job.overrides(self.work_dir, self.threads)
+        overrides += [f"--{k}={_cli_value(v)}" for k, v in (extra or {}).items()]
         cmd = [sys.executable, "-m", "dist_coop.cli", "train", "--config", job.config, *overrides]
         env = dict(
             os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1"
@@ -456,7 +459,8 @@ class Runner:
             raise RuntimeError(f"exit code {rc}" if rc else "no results.json")
         record = run_record(job, json.loads(results.read_text()), overrides, time.perf_counter() - t0)
         write_json(record_path(self.results_dir, job), record)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        if not keep:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         return record
 
     def kill_all(self) -> None:

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from dist_coop.checkpoint import load_checkpoint
-from dist_coop.cli import run_training
+from dist_coop.cli import main, run_training
 from dist_coop.data import build_data
 from dist_coop.distributed.env import DistInfo
 from dist_coop.models.convert import load_init
 from dist_coop.models.registry import build_backbone, build_model
+from dist_coop.ports import free_port
 from dist_coop.run import latest_checkpoint, load_run
 from dist_coop.trainer import Trainer
 from tests.dist_helpers import spawn
-from tests.helpers import tiny_config
+from tests.helpers import load_benchmark, tiny_config
 from tests.test_convert import trained_like
 
 FROZEN = ["--coop.leader_mode=frozen"]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def build_backbone_net():
@@ -113,3 +122,45 @@ def test_finetune_from_a_plain_run_starts_where_it_ended(tmp_path, fmnist_root):
     results = run_training(cfg)
     assert results
     assert sorted(load_run(tmp_path / "ft").nets) == ["leader", "teammate_a", "teammate_b"]
+
+
+@pytest.mark.slow  # a plain run, then a launcher and 2 ranks
+def test_tiny_imagenet_plain_then_finetune_on_two_ranks(tmp_path):
+    """The full path on Tiny ImageNet-format data (mechanics, not accuracy): the generator's folder written as shards,
+    the plain resnet18_64 recipe on one process, then the fine-tuning recipe under torchrun on 2 ranks (DeepSpeed
+    ZeRO-2, colocated) started from it: both ranks read the plain run, the frozen Leader is the plain net (same
+    logits at full depth), and the run ends with its checkpoint and results."""
+    root = load_benchmark("make_tiny_imagenet").make(tmp_path, classes=4, per_class=16, val=16, workers=1)
+    shards = tmp_path / "shards"
+    args = ["shards", "--source", "tiny_imagenet", "--root", str(root), "--out", str(shards), "--max-count", "8"]
+    assert main([*args, "--workers", "1"]) == 0
+    small = ["--model.num_classes=4", "--model.width=8", f"--data.shards={shards}", "--data.batch_size=8",
+             "--data.eval_batch_size=8", "--data.workers=1", "--optim.warmup_steps=1", "--train.epochs=1",
+             "--train.max_steps=3", "--train.device=cpu", "--train.threads=1", "--tracking.backend=none",
+             "--train.progress=false", f"--train.out_dir={tmp_path / 'runs'}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    plain = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", "configs/tinyimagenet/resnet18_plain.yaml", *small],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stdout[-2000:] + plain.stderr[-3000:]
+    plain_dir = tmp_path / "runs" / "tin_resnet18_plain"
+    assert (plain_dir / "results.json").is_file()
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py"]
+    ft = subprocess.run(
+        [*torchrun, "--config", "configs/finetune/tinyimagenet_resnet18.yaml", *small, f"--model.init={plain_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ft.returncode == 0, ft.stdout[-2000:] + ft.stderr[-3000:]
+    assert "placement: colocated on 2 ranks" in ft.stdout
+    read = [line for line in ft.stdout.splitlines() if line.startswith("model.init:")]
+    assert read and all("tin_resnet18_plain/checkpoints/step_00000003 net teammate_a (step 3)" in r for r in read)
+    ft_dir = tmp_path / "runs" / "tin_resnet18_finetune"
+    assert (ft_dir / "results.json").is_file() and json.loads((ft_dir / "results.json").read_text())["step"] == 3
+    source, tuned = load_run(plain_dir), load_run(ft_dir)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        leader, before = tuned.nets["leader"].eval(), source.nets["teammate_a"].eval()
+        assert torch.allclose(leader(x), before(x), rtol=1e-5, atol=1e-5)  # the frozen Leader is the plain net
+        assert not torch.allclose(tuned.nets["teammate_a"].eval()(x), before(x))  # the Teammate learned
