@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the Tiny ImageNet recipe (issue 8, item 5), one short script for one GPU:
+# The GPU check of the Tiny ImageNet recipe, one short script for one GPU:
 #   1. Tiny ImageNet-shaped data of the real size (200 classes x 500 training + 10k validation 64x64 JPEGs in the
 #      dataset's own folder layout; made here, since nothing can be downloaded), written as webdataset shards by
 #      the project's writer (dist-coop shards --source tiny_imagenet);

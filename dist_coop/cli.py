@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
+from dist_coop.checkpoint import TrainerState, resolve_resume
 from dist_coop.config import Config, load_config
 from dist_coop.data import build_data
 from dist_coop.distributed.comm import broadcast_text
-from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed, peer_failure
+from dist_coop.distributed.env import DistInfo, close_distributed, init_distributed, peer_failure, resolve_device
 from dist_coop.durable import DiskFullError, disk_full_line, error_chain, is_disk_full
 from dist_coop.evaluate import EVAL_SPLITS, METRIC_PREFIX, evaluate_sums, results_table, split_batches, sums_to_metrics
 from dist_coop.guard import NonFiniteError
@@ -23,7 +24,7 @@ from dist_coop.infer.cost import cost_metrics
 from dist_coop.plan import preflight_all_ranks
 from dist_coop.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopSignal, interrupted
 from dist_coop.report import finish
-from dist_coop.run import TrainerState, load_run, prepare_run_dir, require_device, resolve_resume
+from dist_coop.run import load_run, prepare_run_dir
 from dist_coop.run import run_dir as run_dir_of_config
 from dist_coop.runlock import RunLock
 from dist_coop.track import FAILED, FINISHED, KILLED, Tracker, TrackingError, build_tracker, error_line
@@ -35,8 +36,7 @@ def run_training(cfg: Config, info: DistInfo | None = None) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     own_group = info is None
-    if info is None:
-        require_device(cfg.train.device, "train.device")
+    if info is None:  # the device is checked first: a missing GPU is refused before anything is written
         info = init_distributed(
             cfg.train.device,
             backend=cfg.dist.backend,
@@ -138,7 +138,7 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", split: str = "va
     """Every net of a run folder's latest checkpoint (or of a checkpoint folder) at every depth, on its config's
     validation data (``split="val"``) or on its training samples without augmentation (``"train"``: next to
     ``val``, how well the nets fit what they were trained on); returns the results table."""
-    run = load_run(path, require_device(device, "--device"))
+    run = load_run(path, resolve_device(device, field="--device"))
     cfg = run.config
     data = build_data(cfg.data, seed=cfg.train.seed, device=run.device)
     amp = None if cfg.dist.engine == "deepspeed" else resolve_amp(cfg.optim.amp, run.device)

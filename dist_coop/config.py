@@ -5,9 +5,12 @@ an unknown key names the nearest valid one, a wrong type or a bad value names th
 Command-line overrides look like ``--coop.alpha=0.5`` (the value is parsed as YAML).
 
 A setting is declared once, with its meaning: ``name: type = opt(default, "meaning", choices=(...))``, plus
-``research=True`` for a switch that exists for ablations. ``dist-coop config`` and docs/guide/config.md list it
-from there (regenerate the page: ``dist-coop config --markdown > docs/guide/config.md``), and its choices are
-what validation accepts. A range, or a rule between settings, goes in the section's ``__post_init__``.
+``research=True`` for a switch that exists for the ablations of docs/results/8k/RESULTS.md. ``dist-coop config`` and
+docs/guide/config.md list it from there (regenerate the page: ``dist-coop config --markdown >
+docs/guide/config.md``), and its choices are what validation accepts. A list of choices that a module of the
+package also checks is held in ``dist_coop.choices``. A range, or a rule between settings, goes in the section's
+``__post_init__``. A setting that is gone is listed in ``REMOVED``: a stored config holding it at its old default
+still loads, any other value is refused naming what to use instead.
 """
 
 from __future__ import annotations
@@ -26,26 +29,22 @@ from typing import Any
 
 import yaml
 
-# The choices, as data: this module imports nothing of the package (every other module may import it). The
-# modules that implement a choice check their own arguments too; tests/test_imports.py checks the lists agree.
-MODEL_NAMES = (  # dist_coop.models.registry.MODELS
-    "resnet20",
-    "resnet32",
-    "resnet56",
-    "resnet110",
-    "resnet18_64",
-    "resnet34_64",
-    "tv_resnet18",
-    "tv_resnet34",
-    "tv_resnet50",
+# This module imports only the plain data of dist_coop.choices (every other module may import it).
+from dist_coop.choices import (
+    BN_MODES,
+    CHECKPOINT_MODES,
+    DATASETS,
+    GATE_MODES,
+    HEAD_MODES,
+    KEEP_MODES,
+    MODEL_NAMES,
+    ON_CORRUPT,
+    ON_NONFINITE,
+    PLACEMENTS,
+    TASKS,
 )
-KEEP_MODES = ("prefix", "spread")  # dist_coop.models.masks
-GATE_MODES = ("learned", "none")  # dist_coop.models.adaptive
-BN_MODES = ("shared", "private")  # dist_coop.models.norm
-HEAD_MODES = ("shared", "private")  # dist_coop.models.head
-TASKS = ("cooperative", "independent")  # dist_coop.coop.task
-DATASETS = ("fashion_mnist",)  # dist_coop.data
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # check_device reads the pattern
 
 
 def opt(
@@ -59,8 +58,8 @@ def opt(
     """A setting: its default and its meaning in one line (what ``dist-coop config`` and docs/guide/config.md show).
 
     ``choices``: the values it takes, checked on load; ``check(value, "section.key")``: a function that checks it
-    instead (the choices are then only shown); ``research``: it exists for ablations (its default is the recipe)
-    and is listed after the others of its section.
+    instead (the choices are then only shown); ``research``: it exists for the ablations of docs/results/8k/RESULTS.md (its
+    default is the recipe) and the reference lists it apart, after every recipe setting.
     """
     metadata = {"meaning": meaning, "choices": tuple(choices), "research": research, "check": check}
     if isinstance(default, dict):
@@ -96,14 +95,10 @@ def check_device(value: str, name: str = "train.device") -> None:
         raise ValueError(f"{name} must be one of {', '.join(DEVICES)} (N: a GPU index), got {value!r}")
 
 
-def _model_name(name: str, field: str) -> None:
+def check_model_name(name: str, field: str = "model.name") -> None:
+    """A backbone of ``dist_coop.models.registry`` (``choices.MODEL_NAMES``)."""
     if name not in MODEL_NAMES:
         raise ValueError(f"{field}: unknown model {name!r}; available: {sorted(MODEL_NAMES)}")
-
-
-def _leader_name(name: str, field: str) -> None:
-    if name:
-        _model_name(name, field)
 
 
 def _positive(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -117,9 +112,9 @@ class ModelConfig:
 
     name: str = opt(
         "resnet32",
-        "the Teammates' backbone (and the Leader's, unless model.leader_name)",
+        "the backbone of every net (the Leader's may be wider: model.leader_width)",
         choices=MODEL_NAMES,
-        check=_model_name,
+        check=check_model_name,
     )
     width: int = opt(0, "base channels; 0 = the backbone's default")
     in_channels: int = opt(3, "image channels the nets take (Fashion-MNIST: 1); must match the data")
@@ -156,10 +151,7 @@ class ModelConfig:
         "compute what several depths compute alike (stem, common blocks) once per step, with the same result "
         "(in training with model.bn: shared); false = every depth runs its whole forward",
     )
-    leader_name: str = opt(
-        "", "the Leader's backbone; \"\" = the Teammates' (model.name)", choices=MODEL_NAMES, check=_leader_name
-    )
-    leader_width: int = opt(0, "the Leader's base channels; 0 = the Teammates' width")
+    leader_width: int = opt(0, "the Leader's base channels; 0 = the Teammates' width", research=True)
     init: str = opt(
         "",
         "trained weights every net starts from (the Leader: unless model.init_leader): a run or checkpoint folder "
@@ -185,7 +177,6 @@ class CoopConfig:
         "cooperative",
         "cooperative = Teammates and Leader trained together | independent = one separate net per depth (the baseline)",
         choices=TASKS,
-        research=True,
     )
     scaling_factors: tuple[float, ...] = opt(
         (0.25, 0.5, 0.75, 1.0),
@@ -196,12 +187,9 @@ class CoopConfig:
         2,
         "2 = two Teammates learning from each other (interactive) | 1 = self-learning only",
         choices=(1, 2),
-        research=True,
     )
-    leader: bool = opt(True, "train a Leader that guides the Teammates (guided learning)", research=True)
-    sub_nets: bool = opt(
-        True, "train the sub-nets too; false = the full net only (truncated at inference)", research=True
-    )
+    leader: bool = opt(True, "train a Leader that guides the Teammates (guided learning)")
+    sub_nets: bool = opt(True, "train the sub-nets too; false = the full net only (truncated at inference)")
     self_kd: bool = opt(True, "the sub-nets distil from their own full net", research=True)
     alpha: float = opt(1.0, "interactive learning: the weight of each Teammate's KD from the other Teammate")
     beta: float = opt(1.0, "guided learning: the weight of the Teammates' KD from the Leader (needs coop.leader)")
@@ -213,7 +201,7 @@ class CoopConfig:
         0.3, "the fraction of training over which the KD weights ramp in from 0 (the peer terms: coop.peer_warmup)"
     )
     peer_warmup: float = opt(
-        1.0, "the same ramp for the interactive (peer KD) terms; 1.0 = over the whole run (docs/RESULTS.md)"
+        1.0, "the same ramp for the interactive (peer KD) terms; 1.0 = over the whole run (docs/results/8k/RESULTS.md)"
     )
     gate_reg: float = opt(0.0, "the weight of sum_b (g_b - 1)^2 over the learned gates; 0 = off", research=True)
     sub_guided: bool = opt(False, "the sub-nets also distil from the Leader (beta * KD(z_X^s, z_L))", research=True)
@@ -289,7 +277,7 @@ class DataConfig:
         "error",
         "shards: a sample that does not decode stops the run naming it (error), or is dropped with a warning and "
         "counted in data/corrupt_skipped (skip)",
-        choices=("error", "skip"),
+        choices=ON_CORRUPT,
     )
 
     def __post_init__(self) -> None:
@@ -336,7 +324,7 @@ class OptimConfig:
         "blocks_sqrt",
         "the LR of a net that trains several depths: blocks_sqrt = each parameter's LR / sqrt(the depths that run "
         "it) | blocks = / the depths that run it | weighted = blocks, each depth counted by its loss weight | "
-        "depths = every parameter's LR / the number of depths | none (docs/RESULTS.md)",
+        "depths = every parameter's LR / the number of depths | none (docs/results/8k/RESULTS.md)",
         choices=("none", "depths", "blocks", "weighted", "blocks_sqrt"),
         research=True,
     )
@@ -345,8 +333,8 @@ class OptimConfig:
     )
     keep_decay: bool = opt(
         False,
-        "with optim.lr_scale, weight decay times the LR divisor: a shared weight decays as a plain net's",
-        research=True,
+        "a net that trains several depths: each weight's decay times its LR divisor (optim.lr_scale), so a shared "
+        "weight decays per step as a plain net's",
     )
     amp: str = opt(
         "none",
@@ -409,7 +397,7 @@ class TrainConfig:
     on_nonfinite: str = opt(
         "error",
         "a net's loss or gradient is inf/nan: error = stop, naming net and step | skip = drop that net's step",
-        choices=("error", "skip"),
+        choices=ON_NONFINITE,
     )
     max_nonfinite: int = opt(10, "skip: stop after this many consecutive skipped steps of one net")
     backward: str = opt(
@@ -445,7 +433,7 @@ class DistConfig:
         "auto",
         "split = each net on its own ranks | colocated = every rank holds every net | auto = split when the world "
         "size is a multiple (> 1) of the number of nets, else colocated",
-        choices=("auto", "split", "colocated"),
+        choices=PLACEMENTS,
     )
     engine: str = opt(
         "torch",
@@ -481,7 +469,7 @@ class TrackingConfig:
         "reference",
         "the final checkpoint in MLflow: reference = a tag and checkpoint.txt naming its folder | weights = each "
         "net's weights once, no optimizer state | none; its files stay in the run folder",
-        choices=("reference", "weights", "none"),  # dist_coop.track.base
+        choices=CHECKPOINT_MODES,
     )
 
     def __post_init__(self) -> None:
@@ -536,9 +524,27 @@ class Config:
 # ---------------------------------------------------------------- loading and validation
 
 
-def _nearest(key: str, valid: typing.Iterable[str]) -> str:
+def did_you_mean(key: str, valid: typing.Iterable[str]) -> str:
+    """``"; did you mean 'alpha'?"``: the valid name nearest ``key`` (any, however far), "" when there is none."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# Settings that are gone: "section.key" -> (the default it had, what to use instead). A run's stored config lists
+# every setting, so one that holds the old default still loads (it asks for nothing); any other value is refused.
+REMOVED: dict[str, tuple[Any, str]] = {
+    "model.leader_name": ("", "every net has the backbone model.name; a larger Leader: model.leader_width"),
+}
+
+
+def _removed(section: str, key: str, value: Any) -> bool:
+    """Is ``section.key`` a removed setting that may be dropped? Refuses it when it asks for something."""
+    if f"{section}.{key}" not in REMOVED:
+        return False
+    default, instead = REMOVED[f"{section}.{key}"]
+    if value != default and not (value is None and default == ""):
+        raise ValueError(f"{section}.{key} is no longer a setting ({instead}); got {value!r}")
+    return True
 
 
 def _coerce(path: str, value: Any, hint: Any) -> Any:
@@ -580,8 +586,10 @@ def _build(cls: type, section: str, raw: Any) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if key not in names and _removed(section, str(key), value):
+            continue
         if key not in names:
-            raise ValueError(f"unknown key {section}.{key}{_nearest(str(key), names)}")
+            raise ValueError(f"unknown key {section}.{key}{did_you_mean(str(key), names)}")
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -594,10 +602,12 @@ def setting_path(path: str) -> tuple[str, str | None]:
     refused naming the nearest valid one, as in a config file."""
     section, _, key = path.partition(".")
     if section not in SECTIONS:
-        raise ValueError(f"unknown section {section!r}{_nearest(section, SECTIONS)}")
+        raise ValueError(f"unknown section {section!r}{did_you_mean(section, SECTIONS)}")
     names = [f.name for f in dataclasses.fields(SECTIONS[section])]
     if key and key not in names:
-        raise ValueError(f"unknown key {section}.{key}{_nearest(key, names)}")
+        if path in REMOVED:
+            raise ValueError(f"{path} is no longer a setting ({REMOVED[path][1]})")
+        raise ValueError(f"unknown key {section}.{key}{did_you_mean(key, names)}")
     return section, key or None
 
 
@@ -606,7 +616,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise ValueError(f"a config must be a mapping of sections, got {type(raw).__name__}")
     for key in raw:
         if key not in SECTIONS:
-            raise ValueError(f"unknown section {key!r}{_nearest(str(key), SECTIONS)}")
+            raise ValueError(f"unknown section {key!r}{did_you_mean(str(key), SECTIONS)}")
     return Config(**{name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()})
 
 
@@ -683,7 +693,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ValueError(f"{path}: a config must be a mapping of sections")
     for section, values in parse_overrides(overrides).items():
         if section not in SECTIONS:
-            raise ValueError(f"unknown section {section!r}{_nearest(section, SECTIONS)}")
+            raise ValueError(f"unknown section {section!r}{did_you_mean(section, SECTIONS)}")
         current = raw.setdefault(section, {}) or {}
         current.update(values)
         raw[section] = current

@@ -2,8 +2,9 @@
 dataclasses themselves (each field's metadata, ``dist_coop.config.opt``). The same listing, as Markdown, is
 docs/guide/config.md: ``dist-coop config --markdown > docs/guide/config.md``.
 
-In each section the recipe's settings come first; the research switches (``opt(..., research=True)``: they
-exist for ablations, their defaults are the recipe) are listed after them.
+The recipe's settings come first; the research switches (``opt(..., research=True)``: they exist for the
+ablations of docs/results/8k/RESULTS.md, their defaults are the recipe) are listed apart: after the recipe's settings of
+their section in the terminal, in a part of their own after every section on the page.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import yaml
 
 from dist_coop.config import SECTIONS, Config, load_config, parse_overrides, setting_path
 
-RESEARCH = "research switches (for ablations; their defaults are the recipe)"
+RESEARCH = "research switches (for the ablations of docs/results/8k/RESULTS.md; their defaults are the recipe)"
+RESEARCH_HEADING = "Research switches (used by the ladders in docs/results/8k/RESULTS.md)"
 GUIDE = "docs/guide/config.md"
 
 
@@ -150,8 +152,9 @@ The same list in a terminal: `dist-coop config` (every section), `dist-coop conf
 `dist-coop config optim.lr` (one setting). `dist-coop config --config my.yaml --optim.lr=0.05` shows the values a
 run would use, `*` marking those that are not the default (`--changed`: only these).
 
-In each section the recipe's settings come first. The research switches after them exist for the ablations
-([docs/RESULTS.md](../RESULTS.md)); their defaults are the recipe.
+Each section below lists the recipe's settings: what a run of your own sets. The research switches come apart,
+after every section, under [Research switches](#research-switches-used-by-the-ladders-in-docsresultsmd): they
+exist for the ablation ladders ([docs/results/8k/RESULTS.md](../results/8k/RESULTS.md)), and their defaults are the recipe.
 """
 
 
@@ -164,16 +167,24 @@ def _table(rows: list[Setting]) -> list[str]:
 
 
 def markdown() -> str:
-    """docs/guide/config.md: every section's settings as tables, the research switches in a table of their own."""
+    """docs/guide/config.md: every section's recipe settings as a table, then the research switches, a table per
+    section that has them."""
+    research = {section: [s for s in settings(section) if s.research] for section in SECTIONS}
+    research = {section: rows for section, rows in research.items() if rows}
     lines = [INTRO, "Sections: " + ", ".join(f"[{section}](#{section})" for section in SECTIONS) + "."]
     for section in SECTIONS:
-        rows = settings(section)
         lines += ["", f"## {section}", "", section_meaning(section), ""]
-        lines += _table([s for s in rows if not s.research])
-        research = [s for s in rows if s.research]
-        if research:
-            lines += ["", f"Research switches of `{section}` (for ablations; their defaults are the recipe):", ""]
-            lines += _table(research)
+        lines += _table([s for s in settings(section) if not s.research])
+        if section in research:
+            lines += ["", f"Research switches of this section: [{section}](#research-{section})."]
+    lines += ["", f"## {RESEARCH_HEADING}", ""]
+    lines += [
+        "Each exists for a row of the ablation ladders, which set it in their `overrides:` (experiments/configs/); "
+        "its default is the recipe."
+    ]
+    for section, rows in research.items():
+        lines += ["", f"### research: {section}", ""]
+        lines += _table(rows)
     return "\n".join(lines) + "\n"
 
 

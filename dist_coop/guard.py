@@ -20,10 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from dist_coop.choices import ON_NONFINITE
 from dist_coop.distributed.comm import all_reduce_world
 from dist_coop.distributed.env import DistInfo
-
-ON_NONFINITE = ("error", "skip")
 
 
 class NonFiniteError(RuntimeError):

@@ -52,7 +52,7 @@ def lr_divisors(net: nn.Module, cfg: OptimConfig, depths: Depths) -> dict[int, f
     blocks every depth runs and the classifier get one plain net's gradient per depth each step, and a
     block only deeper depths run gets one per depth that runs it. Summed at the full LR the shared
     weights move several times as far per step as a plain net's, and the Teammates' gates of the deeper
-    blocks collapse (docs/RESULTS.md).
+    blocks collapse (docs/results/8k/RESULTS.md).
 
     * ``depths``: every parameter at ``lr / len(depths)``.
     * ``blocks``: each parameter at ``lr /`` the number of ``depths`` that run it (its block's mask

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from dist_coop.checkpoint import TrainerState, resolve_resume
 from dist_coop.config import Config, DataConfig, load_config
 from dist_coop.coop.task import build_task
 from dist_coop.distributed.env import DistInfo
@@ -35,7 +36,7 @@ from dist_coop.distributed.resize import check_data_shards
 from dist_coop.footprint import NetBytes, describe, megabytes, net_bytes
 from dist_coop.optim import lr_divisors
 from dist_coop.precision import precision_line, resolve_precision
-from dist_coop.run import TrainerState, check_fresh_start, resolve_resume, run_dir
+from dist_coop.run import check_fresh_start, run_dir
 
 
 @dataclass(frozen=True)

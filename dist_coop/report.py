@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
+from dist_coop.checkpoint import latest_checkpoint
 from dist_coop.config import ModelConfig
 from dist_coop.coop.task import NetSpec
 from dist_coop.distributed.comm import gather_to_main
 from dist_coop.evaluate import results_table
 from dist_coop.infer.cost import cost_metrics
-from dist_coop.run import CONFIG, PLOT, latest_checkpoint, write_results
+from dist_coop.run import CONFIG, PLOT, write_results
 from dist_coop.track.plots import plot_accuracy_vs_flops
 from dist_coop.trainer import Trainer
 

@@ -3,14 +3,14 @@
 ``Trainer`` owns the engines of the nets placed on this rank and the position in the data. One
 step: the task returns named loss terms (exchanging soft targets with the other nets of the
 exchange group when they live on other ranks), each engine backpropagates its net's sum and
-steps, and the loop logs. Loss terms and ablations live in the task; placement in ``dist/``; what happens
-after the last step (recalibration, final evaluation, costs, results) in ``report.py``.
+steps, and the loop logs. Loss terms and ablations live in the task; placement in ``distributed/``; the
+checkpoint folder's layout in ``checkpoint.py``; what happens after the last step (recalibration, final
+evaluation, costs, results) in ``report.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +19,16 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from dist_coop.checkpoint import (
+    CHECKPOINTS,
+    Inputs,
+    TrainerState,
+    checkpoint_dir,
+    discard_staged,
+    latest_checkpoint,
+    publish_checkpoint,
+    staging_dir,
+)
 from dist_coop.config import Config
 from dist_coop.coop.task import NetSpec, build_task, net_of
 from dist_coop.data import Data
@@ -41,19 +51,10 @@ from dist_coop.durable import DiskFullError, disk_full_line, fsync_tree, is_disk
 from dist_coop.evaluate import METRIC_PREFIX, evaluate_sums, selected_depths, split_batches, sums_to_metrics
 from dist_coop.guard import NonFiniteError, StepGuard, nonfinite_nets
 from dist_coop.models.adaptive import gate_stats, recalibrate_bn
-from dist_coop.models.convert import load_init
 from dist_coop.precision import AUTOCAST_DTYPES, resolve_precision
 from dist_coop.preempt import Preempted
+from dist_coop.pretrained import load_init
 from dist_coop.protocols import Engine
-from dist_coop.run import (
-    CHECKPOINTS,
-    Inputs,
-    TrainerState,
-    checkpoint_dir,
-    latest_checkpoint,
-    publish_checkpoint,
-    staging_dir,
-)
 from dist_coop.track import NullTracker, Tracker
 
 
@@ -66,9 +67,8 @@ def in_layout(x: Tensor, channels_last: bool) -> Tensor:
     """``x`` with the canonical strides of the chosen memory format (a copy only when they differ).
 
     ``contiguous()`` is not enough: a (B, 1, H, W) batch counts as contiguous in both formats whatever its
-    channel stride, and a batch with channels_last strides (what the batched crop gave before it indexed the
-    image planes; any data source may) makes oneDNN run the whole net channels_last without being asked (see
-    ``check_cpu_layout``)."""
+    channel stride, and a batch with channels_last strides (any data source may give one) makes oneDNN run the
+    whole net channels_last without being asked (see ``check_cpu_layout``)."""
     fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
     canonical = torch.empty(x.shape, device="meta", memory_format=fmt).stride()
     return x if x.stride() == canonical else x.clone(memory_format=fmt)
@@ -467,7 +467,7 @@ class Trainer:
             )
         staged = staging_dir(folder)
         if self.dist.is_main:
-            shutil.rmtree(staged, ignore_errors=True)  # what a save of this step that failed before left
+            discard_staged(staged)  # what a failed save of this step left
         barrier(self.dist)
 
         def engines() -> None:
@@ -509,9 +509,7 @@ class Trainer:
         if failed.item() == 0:
             return
         if self.dist.is_main:
-            shutil.rmtree(folder, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                folder.parent.rmdir()  # the staging area, when empty
+            discard_staged(folder)
         barrier(self.dist)
         last = latest_checkpoint(self.run_dir)
         where = disk_full_line(folder.parent) if error is not None else "the disk of another rank"

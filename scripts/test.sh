@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
-"$DIST_COOP_PY" -m ruff check dist_coop tests benchmarks launch
-"$DIST_COOP_PY" -m ruff format --check dist_coop tests benchmarks launch
+"$DIST_COOP_PY" -m ruff check dist_coop tests benchmarks experiments launch
+"$DIST_COOP_PY" -m ruff format --check dist_coop tests benchmarks experiments launch
 # two test files at a time (pytest-xdist; DIST_COOP_TEST_WORKERS=1 for one), whole files per worker so that
 # a module's shared fixture (a multi-process run) is made once; the 15 slowest tests listed at the end
 workers="${DIST_COOP_TEST_WORKERS:-2}"

@@ -35,17 +35,24 @@ TINY = [
     "--tracking.backend=none",
 ]
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module, imported as when run as a script (its siblings importable)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+def load_benchmark(name: str, folder: Path = BENCHMARKS) -> ModuleType:
+    """``benchmarks/<name>.py`` (or ``<folder>/<name>.py``) as a module, imported as when run as a script (its
+    siblings importable)."""
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def load_experiment(name: str) -> ModuleType:
+    """``experiments/<name>.py`` as a module, imported as when run as a script."""
+    return load_benchmark(name, EXPERIMENTS)
 
 
 RANKS = [

@@ -1,4 +1,4 @@
-"""A user's mistakes on the command line (issue 9, item 10): one line on stderr naming what is wrong,
+"""A user's mistakes on the command line: one line on stderr naming what is wrong,
 exit code 2, no traceback (``--debug`` adds it).
 
 Every case runs the installed ``dist-coop`` command in its own process, on real files: YAML files with

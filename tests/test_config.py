@@ -118,8 +118,9 @@ def test_every_float_of_every_section_must_be_finite():
 
 
 def test_every_choice_list_is_the_fields_metadata_and_validation_reads_it():
-    """Each setting's values are held once, in its field's metadata: every listed value loads, any other is
-    refused naming the setting (and, where no function checks it, the values from that metadata)."""
+    """Validation reads each setting's values from its field's metadata (a tuple of dist_coop.choices, or its own):
+    every listed value loads, any other is refused naming the setting (and, where no function checks it, the
+    values from that metadata)."""
     checked = []
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
@@ -138,7 +139,46 @@ def test_every_choice_list_is_the_fields_metadata_and_validation_reads_it():
                 config_from_dict({section: {f.name: bad}})
             checked.append(f"{section}.{f.name}")
     assert {"optim.amp", "coop.teammates", "dist.zero_stage", "train.device", "tracking.log_checkpoint"} <= set(checked)
-    assert load_config(None, ["--model.leader_name="]).model.leader_name == ""  # "" = the Teammates' backbone
+
+
+def test_a_list_of_choices_is_held_once_and_each_user_of_it_names_it():
+    """The config, its reference and the modules that implement a choice all read ``dist_coop.choices``: a bad
+    value is refused with that list, by the config and by the module."""
+    from dist_coop import choices
+    from dist_coop.config_doc import settings
+    from dist_coop.models.masks import active_blocks
+    from dist_coop.models.registry import MODELS, build_backbone, build_model
+
+    shown = {s.key: s.choices for section in SECTIONS for s in settings(section)}
+    for key, values in {
+        "model.name": choices.MODEL_NAMES,
+        "model.keep": choices.KEEP_MODES,
+        "model.gate": choices.GATE_MODES,
+        "model.bn": choices.BN_MODES,
+        "model.head": choices.HEAD_MODES,
+        "coop.task": choices.TASKS,
+    }.items():
+        assert shown[key] is values, key
+    assert tuple(MODELS) == choices.MODEL_NAMES
+    with pytest.raises(ValueError, match=re.escape(str(sorted(choices.MODEL_NAMES)))):
+        build_backbone("resnet7")
+    with pytest.raises(ValueError, match=re.escape(str(list(choices.KEEP_MODES)))):
+        active_blocks([3], 0.5, keep="middle")
+    for option, values in (("gate", choices.GATE_MODES), ("bn", choices.BN_MODES), ("head", choices.HEAD_MODES)):
+        with pytest.raises(ValueError, match=re.escape(str(list(values)))):
+            build_model("resnet20", [1.0], width=2, **{option: "no-such-value"})
+
+
+def test_a_removed_setting_loads_at_its_old_default_and_is_refused_otherwise(tmp_path):
+    """A run's stored config lists every setting, model.leader_name ("") among them: it still loads. A value that
+    asks for something is refused naming what to use instead."""
+    stored = Config().to_dict()
+    stored["model"]["leader_name"] = ""
+    assert config_from_dict(stored) == Config()
+    with pytest.raises(ValueError, match=r"^model\.leader_name is no longer a setting \(.*model\.leader_width\)"):
+        load_config(None, ["--model.leader_name=resnet56"])
+    with pytest.raises(ValueError, match=r"unknown key model\.leader_nam; did you mean 'leader_width'"):
+        load_config(None, ["--model.leader_nam=resnet56"])
 
 
 def test_no_section_repeats_a_choice_list_in_its_checks():

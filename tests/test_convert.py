@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import dist_coop
-from dist_coop.models.convert import load_init, load_plain_state, plain_state_dict
+from dist_coop.models.convert import load_plain_state, plain_state_dict
 from dist_coop.models.registry import build_backbone, build_model
+from dist_coop.pretrained import load_init
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "guide" / "finetune.md"
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from dist_coop.checkpoint import Inputs
 from dist_coop.infer.export import METADATA_FILE, export
-from dist_coop.run import Inputs
 from tests.test_export import _trained_like
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide" / "deploy.md"

@@ -1,4 +1,4 @@
-"""Elastic restarts across torchrun agents, and ranks whose peers are gone (issue 9, items 8 and 9).
+"""Elastic restarts across torchrun agents, and ranks whose peers are gone.
 
 * A new generation of workers meets in a store of its own, whatever each agent's restart count says.
 * Two torchrun agents (c10d rendezvous, split placement, DeepSpeed ZeRO-1): a worker killed after a

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 
+from dist_coop.checkpoint import TrainerState
 from dist_coop.cli import run_training
 from dist_coop.config import load_config
 from dist_coop.data import build_data
@@ -40,7 +41,6 @@ from dist_coop.distributed.env import DistInfo, close_distributed, init_distribu
 from dist_coop.distributed.placement import plan_placement
 from dist_coop.distributed.resize import check_data_shards
 from dist_coop.ports import free_port
-from dist_coop.run import TrainerState
 from dist_coop.trainer import Trainer
 from tests.dist_helpers import children, rank_env, start_workers
 from tests.helpers import RANKS, TINY, tiny_config

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_coop.checkpoint import load_checkpoint
+from dist_coop.checkpoint import latest_checkpoint, load_checkpoint
 from dist_coop.cli import main, run_training
 from dist_coop.data import build_data
 from dist_coop.distributed.env import DistInfo
-from dist_coop.models.convert import load_init
 from dist_coop.models.registry import build_backbone, build_model
 from dist_coop.ports import free_port
-from dist_coop.run import latest_checkpoint, load_run
+from dist_coop.pretrained import load_init
+from dist_coop.run import load_run
 from dist_coop.trainer import Trainer
 from tests.dist_helpers import spawn
 from tests.helpers import load_benchmark, tiny_config
@@ -145,7 +145,7 @@ def test_tiny_imagenet_plain_then_finetune_on_two_ranks(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert plain.returncode == 0, plain.stdout[-2000:] + plain.stderr[-3000:]
-    plain_dir = tmp_path / "runs" / "tin_resnet18_plain"
+    plain_dir = tmp_path / "runs" / "resnet18_plain"
     assert (plain_dir / "results.json").is_file()
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py"]
     ft = subprocess.run(
@@ -155,8 +155,8 @@ def test_tiny_imagenet_plain_then_finetune_on_two_ranks(tmp_path):
     assert ft.returncode == 0, ft.stdout[-2000:] + ft.stderr[-3000:]
     assert "placement: colocated on 2 ranks" in ft.stdout
     read = [line for line in ft.stdout.splitlines() if line.startswith("model.init:")]
-    assert read and all("tin_resnet18_plain/checkpoints/step_00000003 net teammate_a (step 3)" in r for r in read)
-    ft_dir = tmp_path / "runs" / "tin_resnet18_finetune"
+    assert read and all("resnet18_plain/checkpoints/step_00000003 net teammate_a (step 3)" in r for r in read)
+    ft_dir = tmp_path / "runs" / "tinyimagenet_resnet18"
     assert (ft_dir / "results.json").is_file() and json.loads((ft_dir / "results.json").read_text())["step"] == 3
     source, tuned = load_run(plain_dir), load_run(ft_dir)
     x = torch.randn(2, 3, 64, 64)

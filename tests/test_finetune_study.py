@@ -1,4 +1,4 @@
-"""The fine-tuning study (benchmarks/finetune_study.py): spec, ordering, sources kept, targets, page."""
+"""The fine-tuning study (experiments/finetune_study.py): spec, ordering, sources kept, targets, page."""
 
 import json
 import subprocess
@@ -7,21 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-fs = load_benchmark("finetune_study")
+fs = load_experiment("finetune_study")
 DEPTHS = ("0.25", "0.5", "0.75", "1.0")
 
 
 def _spec(**changes):
     data = {
         "command": "smoke",
-        "out": "out",
+        "docs": "page",
+        "records": "records",
         "seeds": [0, 1],
         "rows": [
-            {"name": "plain", "config": "configs/ablation/2_full_only.yaml", "stage": "source", "keep": True},
-            {"name": "independent_timed", "config": "configs/ablation/1_independent.yaml", "stage": "timing"},
+            {"name": "plain", "config": "experiments/configs/2_full_only.yaml", "stage": "source", "keep": True},
+            {"name": "independent_timed", "config": "experiments/configs/1_independent.yaml", "stage": "timing"},
         ],
         "ladders": [
             {"name": "8k", "schedule": {"train.epochs": 8}, "records": "base",
@@ -59,7 +60,7 @@ def test_spec_errors(rows, match):
 
 
 def test_a_source_whose_checkpoints_are_gone_is_run_again_before_its_dependents(tmp_path):
-    study = fs.parse_study(_spec(out=str(tmp_path / "out")))
+    study = fs.parse_study(_spec(docs=str(tmp_path / "page"), records=str(tmp_path / "records")))
     jobs = fs.study_jobs(study)
     for sj in jobs:
         if sj.row.name in ("plain", "independent_timed"):  # finished: records exist
@@ -109,7 +110,7 @@ def test_study_end_to_end(tmp_path, fmnist_root):
             rec = {"name": name, "seed": s, "top1": dict.fromkeys(DEPTHS, 50.0), "train_seconds": 1.0}
             (base / f"{name}_s{s}.json").write_text(json.dumps(rec))
     tiny = {"train.max_steps": 2, "data.train_subset": 256, "data.val_subset": 200, "train.epochs": 1}
-    data = _spec(out=str(tmp_path / "out"), seeds=[0], command="smoke")
+    data = _spec(docs=str(tmp_path / "page"), records=str(tmp_path / "records"), seeds=[0], command="smoke")
     data["rows"][0]["config"] = str(ROOT / data["rows"][0]["config"])
     data["rows"][0]["overrides"] = {"train.recalibrate_bn": 200}
     data["rows"] = data["rows"][:1]
@@ -118,20 +119,20 @@ def test_study_end_to_end(tmp_path, fmnist_root):
     lad["rows"][0].update(config=str(ROOT / lad["rows"][0]["config"]), overrides={})
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps(data))
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "finetune_study.py"), "run", "--spec", str(spec), "--jobs", "2",
+    cmd = [sys.executable, str(ROOT / "experiments" / "finetune_study.py"), "run", "--spec", str(spec), "--jobs", "2",
            "--runs-dir", str(tmp_path / "work")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "work" / "8k" / "plain_s0" / "checkpoints" / "latest").is_file()  # kept: a source
     assert not (tmp_path / "work" / "8k" / "ft_s0" / "checkpoints").exists()
-    rec = json.loads((tmp_path / "out" / "runs" / "8k" / "ft_s0.json").read_text())
+    rec = json.loads((tmp_path / "records" / "8k" / "ft_s0.json").read_text())
     assert f"--model.init={tmp_path / 'work' / '8k' / 'plain_s0'}" in rec["overrides"] and rec["step"] == 2
     log = (tmp_path / "work" / "8k" / "ft_s0.log").read_text()
     assert "model.init:" in log and "plain_s0/checkpoints/step_00000002 net teammate_a" in log
-    agg = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    agg = json.loads((tmp_path / "page" / "finetune.json").read_text())
     assert set(agg["ladders"]["8k"]["rows"]) == {"plain", "ft"}
     assert agg["ladders"]["8k"]["baselines"]["ctf"]["mean"]["1.0"] == 50.0
-    page = (tmp_path / "out" / "RESULTS.md").read_text()
+    page = (tmp_path / "page" / "RESULTS.md").read_text()
     assert "### Targets" in page and "Teammate A >= the nets trained alone at every depth" in page
     assert page.index("### Targets") < page.index("### Accuracy per depth")
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -1,4 +1,5 @@
-"""The package's import graph, read from the source: config is a leaf and no module imports itself back.
+"""The package's import graph, read from the source: config reads only the plain data of ``choices`` and no
+module imports itself back.
 
 Every ``import`` statement counts, wherever it stands (inside a function, under ``TYPE_CHECKING``): an
 import moved into a function to dodge a circle is still a circle. An edge goes to the module named
@@ -11,14 +12,6 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-
-from dist_coop import config
-from dist_coop.coop.task import TASKS
-from dist_coop.models.adaptive import GATE_MODES
-from dist_coop.models.head import HEAD_MODES
-from dist_coop.models.masks import KEEP_MODES
-from dist_coop.models.norm import BN_MODES
-from dist_coop.models.registry import MODELS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dist_coop"
 
@@ -92,17 +85,10 @@ def test_the_graph_reader_finds_a_circle():
     assert "dist_coop.infer.commands" in graph["dist_coop.cli"]  # imported inside main()
 
 
-def test_config_is_a_leaf():
-    assert import_graph()["dist_coop.config"] == set()
-
-
-def test_the_choices_in_config_are_what_the_modules_accept():
-    assert set(config.MODEL_NAMES) == set(MODELS)
-    assert config.KEEP_MODES == KEEP_MODES
-    assert config.GATE_MODES == GATE_MODES
-    assert config.BN_MODES == BN_MODES
-    assert config.HEAD_MODES == HEAD_MODES
-    assert set(config.TASKS) == set(TASKS)
+def test_config_reads_only_the_choices_which_import_nothing():
+    """Every module may import the config; it loads without torch (the CLI starts fast)."""
+    graph = import_graph()
+    assert graph["dist_coop.config"] == {"dist_coop.choices"} and graph["dist_coop.choices"] == set()
 
 
 def test_no_import_circle_in_the_package():

@@ -95,7 +95,7 @@ def _t(*v):
 
 
 def test_cooperative_objective_golden_values():
-    """Every term of DESIGN.md section 1 on hand-picked logits (batch 1, 2 classes, label 0)."""
+    """Every term of docs/design.md, *Losses*, on hand-picked logits (batch 1, 2 classes, label 0)."""
     ln3 = math.log(3.0)
     nets = {
         "leader": FixedNet({1.0: _t(ln3, 0.0)}),  # p = (0.75, 0.25)

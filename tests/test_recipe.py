@@ -15,7 +15,7 @@ from dist_coop.models import build_model
 from dist_coop.models.adaptive import gate_stats
 from dist_coop.optim import build_optimizer, lr_divisors, param_groups
 from dist_coop.trainer import Trainer
-from tests.helpers import load_benchmark, tiny_config
+from tests.helpers import load_experiment, tiny_config
 
 
 def test_kd_ramp_values():
@@ -366,9 +366,9 @@ def test_peer_warmup_ramps_the_peer_terms_alone():
 
 
 def test_grad_alignment_splits_a_teammates_gradient_by_depth():
-    """benchmarks/grad_alignment.py: the per-depth gradients add up to the gradient of the Teammate's summed loss
+    """experiments/grad_alignment.py: the per-depth gradients add up to the gradient of the Teammate's summed loss
     (nothing lost or counted twice), and a depth's gradient is zero on the blocks it does not run."""
-    ga = load_benchmark("grad_alignment")
+    ga = load_experiment("grad_alignment")
     cfg = load_config(None, ["--model.width=2", "--model.in_channels=1", "--coop.kd_warmup=0", "--coop.peer_warmup=0"])
     task = build_task(cfg.coop)
     torch.manual_seed(0)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_coop.checkpoint import load_checkpoint, save_checkpoint
+from dist_coop.checkpoint import TRAINER_STATE, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from dist_coop.cli import main
 from dist_coop.data import Data, build_data, fashion_mnist
 from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
-from dist_coop.run import TRAINER_STATE, checkpoint_dir, latest_checkpoint, load_run
+from dist_coop.run import load_run
 from dist_coop.trainer import Trainer
 from tests.dist_helpers import rank_env, start_workers
 from tests.helpers import RANKS, tiny_config

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_coop.checkpoint import latest_checkpoint
 from dist_coop.cli import main, run_training
 from dist_coop.data import build_data
 from dist_coop.distributed.env import DistInfo
 from dist_coop.guard import NonFiniteError
 from dist_coop.preempt import EXIT_PREEMPTED
-from dist_coop.run import latest_checkpoint
 from dist_coop.trainer import Trainer
 from tests.dist_helpers import children, free_port, run_steps, spawn
 from tests.helpers import RANKS, TINY, tiny_config

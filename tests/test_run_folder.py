@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dist_coop.checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, checkpoints_of, latest_checkpoint, mark_latest
 from dist_coop.cli import main
-from dist_coop.run import CHECKPOINTS, LATEST, TRAINER_STATE, checkpoints_of, latest_checkpoint, mark_latest
 from dist_coop.runlock import LOCK_FILE, RunLock
 from tests.helpers import TINY, small_tmpfs
 

@@ -1,4 +1,4 @@
-"""Tracking (issue 9, item 11): MLflow artifacts under train.out_dir whatever the working folder, final
+"""Tracking: MLflow artifacts under train.out_dir whatever the working folder, final
 metrics logged once, a resume that changes settings says so, and DeepSpeed saves of a split run agree on
 their tag on every rank (no "not consistent" warning)."""
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_coop.checkpoint import TRAINER_STATE, latest_checkpoint
 from dist_coop.cli import run_training
 from dist_coop.data import build_data
 from dist_coop.distributed.env import close_distributed, init_distributed
 from dist_coop.ports import free_port
-from dist_coop.run import TRAINER_STATE, latest_checkpoint
 from dist_coop.track.mlflow_tracker import is_database_uri, mlflow_key, resume_changes, settings_before_resume
 from dist_coop.trainer import Trainer
 from tests.dist_helpers import rank_env, start_workers
@@ -41,11 +41,12 @@ def _artifact_tree(client, run_id: str, path: str | None = None) -> set[str]:
     return out
 
 
-def _readme_artifacts() -> list[str]:
-    """The artifact names the README's Tracking section lists (backticked, after 'artifacts')."""
-    text = (ROOT / "README.md").read_text()
-    m = re.search(r"artifacts \(under `<train\.out_dir>/mlartifacts/`\):(.*?)\.\s", text, re.S)
-    assert m, "README: the Tracking section's artifact list was not found"
+def _guide_artifacts() -> list[str]:
+    """The artifact names the tracking guide lists (backticked, after 'The artifacts:', up to the first comma
+    that follows the last name)."""
+    text = (ROOT / "docs" / "guide" / "tracking.md").read_text()
+    m = re.search(r"The artifacts: (.*?`checkpoint\.txt`)", text, re.S)
+    assert m, "docs/guide/tracking.md: the artifact list was not found"
     return re.findall(r"`([^`]+)`", m.group(1))
 
 
@@ -73,8 +74,8 @@ def test_artifacts_under_out_dir_not_cwd_and_final_metrics_logged_once(tmp_path,
     assert logged == {"config.yaml", "results.txt", "results.json", "accuracy_vs_gflops.png", "checkpoint.txt"}
     on_disk = {str(p.relative_to(store)) for p in store.rglob("*") if p.is_file()}
     assert on_disk == {f"{run.info.run_id}/artifacts/{p}" for p in logged}
-    # the README lists what is logged
-    listed = _readme_artifacts()
+    # the tracking guide lists what is logged
+    listed = _guide_artifacts()
     assert {a for a in listed if "/" not in a} == logged
 
     for key, values in _final_history(client, run, results).items():

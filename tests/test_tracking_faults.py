@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_coop.checkpoint import latest_checkpoint
+from dist_coop.choices import CHECKPOINT_MODES
 from dist_coop.cli import main, run_training
 from dist_coop.ports import free_port
-from dist_coop.run import latest_checkpoint
-from dist_coop.track.base import CHECKPOINT_MODES, TrackingError
+from dist_coop.track.base import TrackingError
 from dist_coop.trainer import Trainer
 from tests.helpers import TINY, small_tmpfs, tiny_config
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from dist_coop.checkpoint import load_checkpoint, save_checkpoint
+from dist_coop.checkpoint import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
 from dist_coop.cli import evaluate_checkpoint, run_training
 from dist_coop.data import build_data, fashion_mnist
-from dist_coop.run import TRAINER_STATE, latest_checkpoint, load_run
+from dist_coop.run import load_run
 from dist_coop.trainer import Trainer, resolve_amp
 from tests.helpers import RecordingTracker, tiny_config
 

@@ -1,6 +1,6 @@
 """Loss functions of the cooperative training framework: pure functions, no state.
 
-Notation (DESIGN.md section 1): z are logits, T the temperature, y the labels.
+Notation (docs/design.md, *Losses*): z are logits, T the temperature, y the labels.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dist_coop.choices import TASKS
 from dist_coop.config import CoopConfig, ModelConfig
 from dist_coop.coop.forward import DepthForward
 from dist_coop.coop.losses import cross_entropy, gate_penalty, kd_loss, kd_ramp, sfsl_weights
@@ -39,7 +40,7 @@ class NetSpec:
     """One net the task trains: its name, whether it is the Leader, the depths it is evaluated at."""
 
     name: str
-    leader: bool  # built from model.leader_name / leader_width
+    leader: bool  # built with model.leader_width
     eval_depths: tuple[float, ...]
     train_depth: float = 1.0  # the depth whose logits are this net's soft targets
     role: str = ""  # metric name prefix; "" = name
@@ -60,7 +61,7 @@ class NetSpec:
 
 
 class CooperativeTask:
-    """Leader + one or two Teammates with self-, interactive and guided learning (DESIGN.md section 1)."""
+    """Leader + one or two Teammates with self-, interactive and guided learning (docs/design.md, *Losses*)."""
 
     def __init__(self, coop: CoopConfig, *, label_smoothing: float = 0.0) -> None:
         self.cfg = coop
@@ -329,11 +330,12 @@ class IndependentTask:
         return terms
 
 
-TASKS = {"cooperative": CooperativeTask, "independent": IndependentTask}
-
-
 def build_task(coop: CoopConfig, *, label_smoothing: float = 0.0) -> CooperativeTask | IndependentTask:
-    return TASKS[coop.task](coop, label_smoothing=label_smoothing)
+    """The task ``coop.task`` names (``choices.TASKS``): ``independent`` or ``cooperative``."""
+    if coop.task not in TASKS:
+        raise ValueError(f"coop.task must be one of {list(TASKS)}, got {coop.task!r}")
+    task = IndependentTask if coop.task == "independent" else CooperativeTask
+    return task(coop, label_smoothing=label_smoothing)
 
 
 def net_of(term: str) -> str:

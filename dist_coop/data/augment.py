@@ -23,7 +23,7 @@ def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator, *, fli
         dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
         c = x.shape[1]
         # one advanced index over the B * C padded planes (each channel of sample i at sample i's offsets): the
-        # result has the canonical strides, so no copy into layout follows (indexing (B, H, W, C) did need one)
+        # result has the canonical strides, so no copy into layout follows (indexing a (B, H, W, C) view would need one)
         rows = (dy[:, None] + torch.arange(h, device=x.device)[None]).repeat_interleave(c, 0)  # (B * C, H)
         cols = (dx[:, None] + torch.arange(w, device=x.device)[None]).repeat_interleave(c, 0)  # (B * C, W)
         planes = torch.arange(b * c, device=x.device)[:, None, None]

@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dist_coop.choices import ON_CORRUPT
 from dist_coop.data import swap
 from dist_coop.data.images import MODES, Encoded, channel_stats, encode
 from dist_coop.data.safety import check_shard_name
@@ -35,7 +36,6 @@ from dist_coop.durable import DiskFullError, disk_full_line, fsync_tree, is_disk
 
 INDEX = "index.json"
 FORMAT = "dist_coop-shards-1"
-ON_CORRUPT = ("error", "skip")
 
 
 def _encoded(items: list[Item], mode: str, workers: int) -> Iterator[Encoded]:

@@ -1,7 +1,7 @@
 """Batches streamed from webdataset shards, in step across ranks.
 
-Shards are split by *data shard* (the exchange group, DESIGN.md section 2) and then by loader
-worker. The shard order of an epoch is a permutation seeded by (seed, epoch), the in-memory
+Shards are split by *data shard* (the exchange group: docs/design.md, *The data stream*) and then
+by loader worker. The shard order of an epoch is a permutation seeded by (seed, epoch), the in-memory
 shuffle buffer by (seed, epoch, data shard, worker) and the augmentation by (seed, epoch, step,
 data shard): the three nets of an exchange group read the same samples in the same order with
 the same pixels. The trainer owns the step count: every data shard yields exactly ``len(self)``

@@ -24,7 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dist_coop.checkpoint import load_checkpoint, save_checkpoint
+from dist_coop.checkpoint import (
+    deepspeed_save_dir,
+    deepspeed_save_target,
+    load_checkpoint,
+    net_file,
+    replica_file,
+    save_checkpoint,
+)
 from dist_coop.config import DistConfig, OptimConfig
 from dist_coop.distributed.comm import average_in_place
 from dist_coop.distributed.env import ignore_deepspeed_deprecations
@@ -32,7 +39,6 @@ from dist_coop.distributed.resize import load_deepspeed_checkpoint
 from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.optim import Depths, build_optimizer, build_scheduler
 from dist_coop.precision import resolve_precision
-from dist_coop.run import deepspeed_save_dir
 
 # DeepSpeed's CPU shared-memory collective (a C++ op compiled on first use, ~1 min on 2 cores, and needing a
 # compiler). DeepSpeed's communicator builds it when it starts, yet only its tensor-parallel inference
@@ -196,14 +202,14 @@ class TorchEngine(_NetAccess):
     def save(self, folder: Path, name: str) -> None:
         """Replicas are identical: group rank 0 writes the state, the others their BN statistics only."""
         if self.group_rank == 0:
-            save_checkpoint(self.state_dict(), folder / f"{name}.pt")
+            save_checkpoint(self.state_dict(), net_file(folder, name))
         save_replica_buffers(self.module, self.group_rank, folder, name)
 
     def load(self, folder: Path, name: str) -> None:
         """The whole state (any group size: the optimizer state is not partitioned), then the BN statistics."""
-        state = load_checkpoint(folder / f"{name}.pt", next(self.module.parameters()).device)
+        state = load_checkpoint(net_file(folder, name), next(self.module.parameters()).device)
         self.load_state_dict(state)
-        saved = state.get("group_size")  # absent in checkpoints written before it was kept
+        saved = state.get("group_size")  # None: a checkpoint that does not keep it
         load_replica_buffers(self.module, self.group_rank, folder, name, group_size=self.group_size, saved_size=saved)
 
 
@@ -211,7 +217,7 @@ def save_replica_buffers(module: torch.nn.Module, group_rank: int, folder: Path,
     """Group rank 0 saves the module; replica r > 0 keeps its BN statistics, gathered on its own shard of the
     data, in ``<name>.rank<r>.pt``, so a resumed run equals an uninterrupted one (both engines)."""
     if group_rank:
-        save_checkpoint(dict(module.named_buffers()), folder / f"{name}.rank{group_rank}.pt")
+        save_checkpoint(dict(module.named_buffers()), replica_file(folder, name, group_rank))
 
 
 def load_replica_buffers(
@@ -228,14 +234,14 @@ def load_replica_buffers(
     replica takes the mean of the saved replicas' floating-point statistics: the statistics evaluation measures
     (``average_buffers``), the same on every replica. ``saved_size`` None: not known (the saved size assumed)."""
     if saved_size is None or saved_size == group_size:
-        own = folder / f"{name}.rank{group_rank}.pt"
-        if group_rank and own.is_file():  # absent in checkpoints of an older layout: rank 0's then
+        own = replica_file(folder, name, group_rank)
+        if group_rank and own.is_file():  # a checkpoint without replica files: rank 0's then
             buffers = load_checkpoint(own, next(module.parameters()).device)
             with torch.no_grad():
                 for key, b in module.named_buffers():
                     b.copy_(buffers[key])
         return
-    others = [f for k in range(1, saved_size) if (f := folder / f"{name}.rank{k}.pt").is_file()]
+    others = [f for k in range(1, saved_size) if (f := replica_file(folder, name, k)).is_file()]
     floats = {key: b for key, b in module.named_buffers() if b.is_floating_point()}
     with torch.no_grad():
         for path in others:
@@ -475,13 +481,10 @@ class DeepSpeedEngine(_NetAccess):
         return grad_stats(float(norm), self.max_norm)
 
     def save(self, folder: Path, name: str) -> None:
-        """Into ``<folder>/<name>/<folder name>/`` (e.g. ``step_00000010/leader/step_00000010/``).
-
-        DeepSpeed's tag must be the same on every rank: its save compares it over all ranks of the job, not
-        the net's group. In the split placement each rank saves a different net at the same moment, so the
-        net goes into the save folder and the tag is the step, which every rank shares.
-        """
-        self.engine.save_checkpoint(str(folder / name), tag=folder.name, save_latest=False)
+        """Into ``<folder>/<name>/<folder name>/`` (e.g. ``step_00000010/leader/step_00000010/``): the tag is the
+        step, the same on every rank (``deepspeed_save_target``)."""
+        save_dir, tag = deepspeed_save_target(folder, name)
+        self.engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
         save_replica_buffers(self.module, self.engine.mpu.get_data_parallel_rank(), folder, name)
 
     def load(self, folder: Path, name: str) -> None:

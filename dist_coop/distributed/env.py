@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from dist_coop.config import check_device
 from dist_coop.distributed.slurm import slurm_launch_env
 
 
@@ -51,16 +52,27 @@ class DistInfo:
         return bool(self.backend)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU."""
+def resolve_device(name: str, local_rank: int = 0, *, field: str = "train.device") -> torch.device:
+    """The device ``field`` names, checked to be a valid name and present here (a ValueError says which not).
+
+    ``auto`` is ``cuda:<local_rank>`` when there is a GPU, else the CPU; ``cuda`` is ``cuda:<local_rank>``;
+    ``cuda:N`` is that GPU, which must exist.
+    """
+    check_device(name, field)
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        build = "" if torch.version.cuda else f" (and torch {torch.__version__} is built without CUDA)"
+        raise ValueError(f"{field} is {name!r} but no CUDA GPU is present on this machine{build}; use auto or cpu")
+    if ":" not in name:
+        return torch.device(f"cuda:{local_rank}")
+    index = int(name.split(":")[1])
+    if index >= count:
+        raise ValueError(f"{field} is {name!r} but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}")
+    return torch.device(f"cuda:{index}")
 
 
 def single_process(device_name: str = "auto") -> DistInfo:

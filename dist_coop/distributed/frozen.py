@@ -3,7 +3,7 @@
 It has the loop's engine interface (``backward``, ``step``, ``save``, ``load``...) so the loop needs no branch
 for it, but no optimizer, no schedule and no gradients: its parameters and BN statistics stay as loaded.
 Its checkpoint holds the weights only (``<name>.pt`` with ``module``, as the torch engine's), so a run with a
-frozen net reads back whole (``dist_coop.run.net_state_dict``).
+frozen net reads back whole (``dist_coop.checkpoint.net_state_dict``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dist_coop.checkpoint import load_checkpoint, save_checkpoint
+from dist_coop.checkpoint import load_checkpoint, net_file, save_checkpoint
 from dist_coop.distributed.engine import _NetAccess
 from dist_coop.models.adaptive import AdaptiveNet
 
@@ -50,8 +50,8 @@ class FrozenEngine(_NetAccess):
     def save(self, folder: Path, name: str) -> None:
         """The weights (group rank 0; every replica holds the same)."""
         if self.group_rank == 0:
-            save_checkpoint({"module": self.module.state_dict(), "frozen": True}, folder / f"{name}.pt")
+            save_checkpoint({"module": self.module.state_dict(), "frozen": True}, net_file(folder, name))
 
     def load(self, folder: Path, name: str) -> None:
-        state = load_checkpoint(folder / f"{name}.pt", next(self.module.parameters()).device)
+        state = load_checkpoint(net_file(folder, name), next(self.module.parameters()).device)
         self.module.load_state_dict(state["module"])

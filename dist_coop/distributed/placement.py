@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PLACEMENTS = ("auto", "split", "colocated")
+from dist_coop.choices import PLACEMENTS
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dist_coop.distributed.env import resolve_device
 from dist_coop.infer.budget import choice_line, choose_depth, latency_warning
 from dist_coop.infer.controller import AdaptiveRunner, DepthController
 from dist_coop.infer.export import (
@@ -22,7 +23,7 @@ from dist_coop.infer.export import (
     export,
 )
 from dist_coop.infer.profile import RUNTIMES, Profile, profile_net
-from dist_coop.run import Run, depth_accuracy, load_run, profile_path, require_device
+from dist_coop.run import Run, depth_accuracy, load_run, profile_path
 
 
 def add_parsers(sub, parents: list[argparse.ArgumentParser] | None = None) -> None:
@@ -127,7 +128,7 @@ def _warn_latency(profile: Profile) -> None:
 
 
 def profile_command(args: argparse.Namespace) -> Profile:
-    run = load_run(args.run, require_device(args.device, "--device"), nets=[args.net])
+    run = load_run(args.run, resolve_device(args.device, field="--device"), nets=[args.net])
     profile = profile_net(
         run.nets[args.net],
         run.inputs.shape,
@@ -225,7 +226,7 @@ def stream_command(args: argparse.Namespace) -> str:
     fps = args.fps or clip_fps(args.video)  # a missing, unreadable or audio-only file fails here, before the nets load
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = load_run(args.run, require_device(args.device, "--device"), nets=[args.net])
+    run = load_run(args.run, resolve_device(args.device, field="--device"), nets=[args.net])
     net = run.nets[args.net]
     c, h, w = run.inputs.shape
     x = torch.zeros(1, c, h, w, device=run.device)

@@ -32,7 +32,7 @@ from dist_coop.models.head import DepthLinear
 from dist_coop.models.norm import DepthBatchNorm2d
 
 if TYPE_CHECKING:
-    from dist_coop.run import Inputs
+    from dist_coop.checkpoint import Inputs
 
 FORMATS = ("pt2", "onnx", "state_dict", "torchscript")
 DEFAULT_FORMAT = "pt2"

@@ -26,11 +26,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from dist_coop.models.head import HEAD_MODES, DepthLinear
+from dist_coop.choices import GATE_MODES, HEAD_MODES
+from dist_coop.models.head import DepthLinear
 from dist_coop.models.masks import Mask, branch_starts, depth_masks, mask_blocks
 from dist_coop.models.norm import DepthBatchNorm2d, convert_batchnorm
-
-GATE_MODES = ("learned", "none")
 
 
 class DepthStage(nn.Sequential):

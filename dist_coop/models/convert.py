@@ -7,8 +7,8 @@ per depth. ``load_plain_state`` maps a plain state into such a net so that at fu
 it computes what the source computed: every BN row starts from the source BN, every gate at 1, a head
 norm the source lacks starts as the identity (statistics 0 and 1, weight sqrt(1 + eps)), every classifier
 row is the source's. ``plain_state_dict`` is the way back (the full-depth rows, gates folded in), which
-is how a dist-coop run's net becomes a source. ``load_init`` reads a source named in the config
-(``model.init``); ``adaptive_from`` converts a module object.
+is how a dist-coop run's net becomes a source (``dist_coop.pretrained`` reads the sources ``model.init``
+names); ``adaptive_from`` converts a module object.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +24,6 @@ from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.models.head import DepthLinear
 from dist_coop.models.norm import DepthBatchNorm2d
 
-TORCHVISION = "torchvision:"
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 CLASSIFIER = "fc"  # the classifier's name in our ResNets and torchvision's
 
@@ -123,55 +121,6 @@ def load_plain_state(
         target.copy_(value)
     for note in notes:
         log(note)
-
-
-def _run_net(path: Path, net: str, default: str, log: Callable[[str], None]) -> dict[str, Tensor]:
-    """The plain state of net ``net`` (or ``default``, else ``teammate_a``) of a run or checkpoint folder."""
-    from dist_coop.run import load_run  # the run reader builds nets: imported when used
-
-    names = [s.name for s in load_run(path, nets=[]).specs]
-    want = net or (default if default in names else "teammate_a")
-    if want not in names:
-        raise ValueError(f"model.init: {path} has no net {want!r}; it holds {sorted(names)}: name one as {path}#<net>")
-    run = load_run(path, nets=[want])
-    log(f"model.init: {run.checkpoint} net {want} (step {run.step})")
-    return plain_state_dict(run.nets[want])
-
-
-def read_source(spec: str, default_net: str, *, log: Callable[[str], None] = print) -> dict[str, Tensor]:
-    """The plain state dict a ``model.init`` value names (``read_source`` of the module docstring's sources):
-    a run or checkpoint folder (``PATH#net``: that net; else ``default_net``, or its ``teammate_a`` when it has
-    no such net), a state dict file (weights only), or ``torchvision:<Weights enum>.<name>``."""
-    if spec.startswith(TORCHVISION):
-        try:
-            import torchvision
-        except Exception as e:  # ImportError, or a broken torchvision/torch pairing
-            raise ValueError(f"model.init {spec!r} needs torchvision, which does not import here: {e}") from e
-        enum_name, _, member = spec.removeprefix(TORCHVISION).partition(".")
-        weights = getattr(getattr(torchvision.models, enum_name, None), member, None)
-        if weights is None:
-            raise ValueError(f"model.init: {spec!r} is not a torchvision weights name (e.g. ResNet18_Weights.DEFAULT)")
-        return dict(weights.get_state_dict(progress=False))
-    path_text, _, net = spec.partition("#")
-    path = Path(path_text)
-    if path.is_dir():
-        return _run_net(path, net, default_net, log)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.init: {path} is neither a run/checkpoint folder nor a state dict file")
-    from dist_coop.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"model.init: {path} is not a state dict (name -> tensor); save one with torch.save(net.state_dict())"
-        )
-    return state
-
-
-def load_init(net: AdaptiveNet, spec: str, default_net: str, *, log: Callable[[str], None] = print) -> None:
-    """Give ``net`` the weights ``spec`` (a ``model.init`` value) names: ``read_source`` then ``load_plain_state``."""
-    load_plain_state(net, read_source(spec, default_net, log=log), source=spec, log=log)
 
 
 def adaptive_from(

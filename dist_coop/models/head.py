@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HEAD_MODES = ("shared", "private")
-
 
 class DepthLinear(nn.Module):
     """``nn.Linear`` with ``num_depths`` rows of weight (D, out, in) and bias (D, out); one row per forward."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-KEEP_MODES = ("prefix", "spread")
+from dist_coop.choices import KEEP_MODES
 
 Mask = tuple[tuple[bool, ...], ...]  # one tuple of bools per stage
 

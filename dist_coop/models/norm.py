@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BN_MODES = ("shared", "private")
+from dist_coop.choices import BN_MODES
 
 
 class DepthBatchNorm2d(nn.Module):

@@ -1,17 +1,22 @@
-"""Backbone registry: name -> plain backbone, and ``build_model`` -> depth-adaptive net."""
+"""Backbone registry: name -> plain backbone, and ``build_model`` -> depth-adaptive net.
+
+The names are ``dist_coop.choices.MODEL_NAMES`` (what ``model.name`` accepts); each name says how its backbone
+is built: ``resnet<depth>`` a CIFAR ResNet, ``resnet<depth>_64`` a ResNet-18/34 for 64x64 input, ``tv_<arch>``
+torchvision's ``<arch>``. The depth-adaptive options (``keep``, ``gate``, ``bn``, ...) and their defaults are
+``AdaptiveNet``'s.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 from torch import nn
 
+from dist_coop.choices import MODEL_NAMES
+from dist_coop.config import ModelConfig, check_model_name
 from dist_coop.models.adaptive import AdaptiveNet
 from dist_coop.models.resnet import cifar_resnet, resnet64
-
-if TYPE_CHECKING:
-    from dist_coop.config import ModelConfig
 
 # builder(width, in_channels, num_classes) -> (backbone, stage names); width 0 = the default
 Builder = Callable[[int, int, int], tuple[nn.Module, Sequence[str]]]
@@ -42,22 +47,20 @@ def _torchvision(arch: str) -> Builder:
     return build
 
 
-MODELS: dict[str, Builder] = {
-    "resnet20": _ours(lambda **kw: cifar_resnet(20, **kw), 16),
-    "resnet32": _ours(lambda **kw: cifar_resnet(32, **kw), 16),
-    "resnet56": _ours(lambda **kw: cifar_resnet(56, **kw), 16),
-    "resnet110": _ours(lambda **kw: cifar_resnet(110, **kw), 16),
-    "resnet18_64": _ours(lambda **kw: resnet64([2, 2, 2, 2], **kw), 64),
-    "resnet34_64": _ours(lambda **kw: resnet64([3, 4, 6, 3], **kw), 64),
-    "tv_resnet18": _torchvision("resnet18"),
-    "tv_resnet34": _torchvision("resnet34"),
-    "tv_resnet50": _torchvision("resnet50"),
-}
+STAGES_64 = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}  # resnet<depth>_64: blocks per stage (He et al. 2016, table 1)
 
 
-def check_model_name(name: str, field: str = "model.name") -> None:
-    if name not in MODELS:
-        raise ValueError(f"{field}: unknown model {name!r}; available: {sorted(MODELS)}")
+def _builder(name: str) -> Builder:
+    """How backbone ``name`` is built, read from its name (the module docstring)."""
+    if name.startswith("tv_"):
+        return _torchvision(name.removeprefix("tv_"))
+    depth, _, size = name.removeprefix("resnet").partition("_")
+    if size == "64":
+        return _ours(lambda **kw: resnet64(STAGES_64[int(depth)], **kw), 64)
+    return _ours(lambda **kw: cifar_resnet(int(depth), **kw), 16)
+
+
+MODELS: dict[str, Builder] = {name: _builder(name) for name in MODEL_NAMES}
 
 
 def build_backbone(
@@ -84,29 +87,15 @@ def build_model(
     width: int = 0,
     in_channels: int = 3,
     num_classes: int = 10,
-    keep: str = "prefix",
-    gate: str = "learned",
-    bn: str = "shared",
-    zero_init: bool = False,
     head_norm: bool = False,
-    share_prefix: bool = True,
-    head: str = "shared",
+    **options: Any,
 ) -> AdaptiveNet:
-    """A depth-adaptive net of registered backbone ``name``."""
+    """A depth-adaptive net of registered backbone ``name``; ``options``: ``AdaptiveNet``'s (``keep``, ``gate``,
+    ``bn``, ``zero_init``, ``share_prefix``, ``head``)."""
     backbone, stages = build_backbone(
         name, width=width, in_channels=in_channels, num_classes=num_classes, head_norm=head_norm
     )
-    return AdaptiveNet(
-        backbone,
-        stage_names=stages,
-        scaling_factors=scaling_factors,
-        keep=keep,
-        gate=gate,
-        bn=bn,
-        zero_init=zero_init,
-        share_prefix=share_prefix,
-        head=head,
-    )
+    return AdaptiveNet(backbone, stage_names=stages, scaling_factors=scaling_factors, **options)
 
 
 def build_from_config(
@@ -116,13 +105,12 @@ def build_from_config(
     leader: bool = False,
     trained: Sequence[float] | None = None,
 ) -> AdaptiveNet:
-    """The net of ``cfg`` (the Leader's backbone and width with ``leader``). ``trained``: the depths with a loss
+    """The net of ``cfg`` (the Leader's width with ``leader``). ``trained``: the depths with a loss
     term (None: every depth); ``model.head: private`` applies to a net that trains two or more of them, and a net
     trained at one depth (the Leader, a net trained alone, a full-only Teammate) keeps one classifier for all."""
-    name = (cfg.leader_name or cfg.name) if leader else cfg.name
     width = (cfg.leader_width or cfg.width) if leader else cfg.width
     return build_model(
-        name,
+        cfg.name,
         scaling_factors,
         width=width,
         in_channels=cfg.in_channels,

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # how a run ends (MLflow's run statuses)
-CHECKPOINT_MODES = ("reference", "weights", "none")  # tracking.log_checkpoint
 
 
 class TrackingError(OSError):

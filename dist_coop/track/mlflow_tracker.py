@@ -50,7 +50,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dist_coop.track.base import CHECKPOINT_MODES, FINISHED, KILLED
+from dist_coop.choices import CHECKPOINT_MODES
+from dist_coop.track.base import FINISHED, KILLED
 from dist_coop.track.store import quiet_store_errors, store_errors, store_lock
 
 ERROR_TAG, ERROR_TAG_CHARS = "error", 1000
@@ -308,10 +309,9 @@ class MlflowTracker:
 def write_weights(checkpoint: Path, out: Path) -> list[Path]:
     """``<out>/<net>.pt`` = ``{"module": state_dict}`` for every net of ``checkpoint``, read the way inference
     reads it (the torch engine's file or DeepSpeed's module states, ZeRO-3 gathered): weights and buffers only."""
-    from dist_coop.checkpoint import save_checkpoint
+    from dist_coop.checkpoint import TrainerState, net_state_dict, save_checkpoint
     from dist_coop.config import config_from_dict
     from dist_coop.coop.task import build_task
-    from dist_coop.run import TrainerState, net_state_dict
 
     cfg = config_from_dict(TrainerState.load(checkpoint).config)
     return [
