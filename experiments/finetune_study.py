@@ -420,7 +420,10 @@ def render(study: Study, agg: Mapping[str, Any], generated_by: str) -> str:
                     body.append([n, label, *cells])
             lines += _table(["row", "against", *(f"s={float(d):g}" for d in depths)], body)
             lines += ["", "(k/n): the seeds on which the fine-tuned net is at least as accurate.", ""]
-        lines += ["### Cost (train seconds, this sweep)", ""]
+        cost = agg.get("cost")
+        if cost and cost["ladder"] == lad_spec.name:
+            lines += cost_lines(cost, rows, cost["command"])
+        lines += ["### Cost (train seconds, this sweep: two runs at a time)", ""]
         plain_s = _seconds(rows[PLAIN]) if PLAIN in rows else None
         timed = rows.get("independent_timed")
         alone_s = _seconds(timed) if timed else None
@@ -448,8 +451,97 @@ def render(study: Study, agg: Mapping[str, Any], generated_by: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def measure_cost(study: Study, ladder: str, runs_dir: Path, repeats: int, threads: int, command: str) -> dict[str, Any]:
+    """Train seconds of one epoch of the plain net, of the four nets alone and of the recipe (the first final row's
+    settings), one run at a time, ``repeats`` rounds interleaved; the recipe starts from seed 0's plain run of the
+    sweep. Written to ``<docs>/cost.json``."""
+    lad = next((x for x in study.ladders if x.name == ladder), None)
+    if lad is None:
+        raise ValueError(f"--ladder: no ladder {ladder!r}{nearest(ladder, [x.name for x in study.ladders])}")
+    final = next((r for r in lad.rows if r.stage == "final"), None)
+    timing = next((r for r in lad.rows if r.stage == "timing"), None)
+    if final is None or timing is None:
+        raise ValueError(f"ladder {ladder}: the cost needs a final row and a timing row")
+    source = runs_dir / lad.name / f"{final.init_from}_s0"
+    if not has_checkpoint(source):
+        raise ValueError(f"{source} has no checkpoint: run the sweep first (its plain net of seed 0 is the source)")
+    rows = {PLAIN: next(r for r in lad.rows if r.name == PLAIN), timing.name: timing, "recipe": final}
+    work = runs_dir / "cost"
+    work.mkdir(parents=True, exist_ok=True)
+    runner = Runner(work / "records", work, threads)
+    seconds: dict[str, list[float]] = {name: [] for name in rows}
+    for i in range(repeats):
+        for name, row in rows.items():
+            job = Job(f"cost_{name}", None, i, row.config, {**lad.schedule, **row.overrides, "train.epochs": 1})
+            extra = {"model.init": str(source)} if row.init_from else {}
+            rec = runner.run(job, extra=extra)
+            seconds[name].append(rec["train_seconds"])
+            print(f"[{i + 1}/{repeats}] {name}: {rec['train_seconds']:.1f} s for one epoch", flush=True)
+    return {
+        "command": command,
+        "ladder": lad.name,
+        "epochs_of_schedule": lad.schedule.get("train.epochs"),
+        "threads": threads,
+        "repeats": repeats,
+        "cpu": _cpu(),
+        "rows": {name: {"config": r.config, "overrides": r.overrides} for name, r in rows.items()},
+        "seconds_per_epoch": seconds,
+    }
+
+
+def cost_lines(cost: Mapping[str, Any], rows: Mapping[str, Any], command: str) -> list[str]:
+    """The page's cost section from cost.json: per-epoch seconds, then each final row's cost both ways."""
+    sec = {name: mean_std(v) for name, v in cost["seconds_per_epoch"].items()}
+    timing = next(n for n in cost["seconds_per_epoch"] if n not in (PLAIN, "recipe"))
+    epochs = cost["epochs_of_schedule"]
+    alone = sec[timing][0] * epochs
+    plain = sec[PLAIN][0] * epochs
+    lines = [
+        "### Cost, timed one run at a time",
+        "",
+        f"`{command}` trained one epoch of each, one run at a time with {cost['threads']} thread(s), "
+        f"{cost['repeats']} rounds interleaved, on {cost['cpu']}:",
+        "",
+    ]
+    lines += _table(
+        ["", "train s per epoch", f"x {epochs} epochs"],
+        [
+            ["the four nets trained alone", _pm(*sec[timing]), f"{alone:.0f}"],
+            ["the plain net", _pm(*sec[PLAIN]), f"{plain:.0f}"],
+            ["the recipe (fine-tuning)", _pm(*sec["recipe"]), "—"],
+        ],
+    )
+    body = []
+    for name, r in rows.items():
+        if r["stage"] != "final":
+            continue
+        n = r["overrides"].get("train.epochs", epochs)
+        ft = sec["recipe"][0] * n
+        body.append(
+            [name, str(n), f"{ft:.0f}", f"{ft / alone:.2f}x", f"{plain + ft:.0f}", f"{(plain + ft) / alone:.2f}x"]
+        )
+    lines += ["", "Each fine-tuning row's cost, its epochs times the recipe's seconds per epoch:", ""]
+    lines += _table(
+        ["row", "epochs", "fine-tuning s", "÷ 4 nets alone", "plain + fine-tuning s", "÷ 4 nets alone"], body
+    )
+    return [*lines, ""]
+
+
 def report(study: Study, generated_by: str) -> None:
     agg = aggregate(study)
+    cost_file = Path(study.docs) / "cost.json"
+    if cost_file.is_file():
+        agg["cost"] = json.loads(cost_file.read_text())
     write_json(Path(study.docs) / "finetune.json", agg)
     page = Path(study.docs) / "RESULTS.md"
     tmp = page.with_name(".RESULTS.md.tmp")
@@ -464,9 +556,14 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "report"):
+    for name in ("run", "report", "cost"):
         p = sub.add_parser(name)
         p.add_argument("--spec", required=True, help="study spec YAML (experiments/configs/finetune.yaml)")
+    cost = sub.choices["cost"]
+    cost.add_argument("--ladder", required=True, help="the ladder whose rows are timed")
+    cost.add_argument("--repeats", type=int, default=3, help="rounds of the three runs")
+    cost.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    cost.add_argument("--runs-dir", default="runs/finetune", help="the sweep's training output (its plain nets)")
     run = sub.choices["run"]
     run.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     run.add_argument("--threads", type=int, default=0, help="torch threads per run (default cores // jobs)")
@@ -478,6 +575,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         study = parse_study(yaml.safe_load(Path(args.spec).read_text()))
         generated_by = f"python experiments/finetune_study.py report --spec {args.spec}"
+        if args.command == "cost":
+            if args.repeats < 1:
+                raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+            command = (
+                f"python experiments/finetune_study.py cost --spec {args.spec} --ladder {args.ladder} "
+                f"--repeats {args.repeats} --threads {args.threads}"
+            )
+            cost = measure_cost(study, args.ladder, Path(args.runs_dir), args.repeats, args.threads, command)
+            write_json(Path(study.docs) / "cost.json", cost)
+            report(study, generated_by)
+            print(f"wrote {study.docs}/cost.json and {study.docs}/RESULTS.md")
+            return 0
         if args.command == "run":
             only = [n for n in args.only.split(",") if n]
             jobs = study_jobs(study, only, [n for n in args.ladder.split(",") if n])

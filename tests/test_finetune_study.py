@@ -116,6 +116,8 @@ def test_study_end_to_end(tmp_path, fmnist_root):
     data["rows"] = data["rows"][:1]
     lad = data["ladders"][0]
     lad.update(schedule=tiny, records=str(base))
+    timing = {"name": "independent_timed", "config": str(ROOT / "experiments/configs/1_independent.yaml")}
+    lad["rows"].append({**timing, "stage": "timing"})
     lad["rows"][0].update(config=str(ROOT / lad["rows"][0]["config"]), overrides={})
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps(data))
@@ -130,10 +132,52 @@ def test_study_end_to_end(tmp_path, fmnist_root):
     log = (tmp_path / "work" / "8k" / "ft_s0.log").read_text()
     assert "model.init:" in log and "plain_s0/checkpoints/step_00000002 net teammate_a" in log
     agg = json.loads((tmp_path / "page" / "finetune.json").read_text())
-    assert set(agg["ladders"]["8k"]["rows"]) == {"plain", "ft"}
+    assert set(agg["ladders"]["8k"]["rows"]) == {"plain", "independent_timed", "ft"}
     assert agg["ladders"]["8k"]["baselines"]["ctf"]["mean"]["1.0"] == 50.0
     page = (tmp_path / "page" / "RESULTS.md").read_text()
     assert "### Targets" in page and "Teammate A >= the nets trained alone at every depth" in page
     assert page.index("### Targets") < page.index("### Accuracy per depth")
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "0 run(s) to do" in again.stdout
+    cost_cmd = [
+        *cmd[:2],
+        "cost",
+        "--spec",
+        str(spec),
+        "--ladder",
+        "8k",
+        "--repeats",
+        "1",
+        "--runs-dir",
+        str(tmp_path / "work"),
+    ]
+    timed = subprocess.run(cost_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert timed.returncode == 0, timed.stdout[-3000:] + timed.stderr[-3000:]
+    cost = json.loads((tmp_path / "page" / "cost.json").read_text())
+    assert set(cost["seconds_per_epoch"]) == {"plain", "independent_timed", "recipe"}
+    assert all(len(v) == 1 and v[0] > 0 for v in cost["seconds_per_epoch"].values())
+    page = (tmp_path / "page" / "RESULTS.md").read_text()
+    assert "### Cost, timed one run at a time" in page and "| row | epochs | fine-tuning s |" in page
+
+
+def test_cost_section_by_hand():
+    cost = {
+        "command": "CMD",
+        "threads": 1,
+        "repeats": 2,
+        "cpu": "a CPU",
+        "epochs_of_schedule": 8,
+        "seconds_per_epoch": {"plain": [10.0, 12.0], "independent_timed": [50.0, 50.0], "recipe": [19.0, 21.0]},
+    }
+    rows = {
+        "plain": {"stage": "source", "overrides": {}},
+        "ft_e2": {"stage": "final", "overrides": {"train.epochs": 2}},
+        "ft_e4": {"stage": "final", "overrides": {"train.epochs": 4}},
+    }
+    text = "\n".join(fs.cost_lines(cost, rows, "CMD"))
+    # alone: 50 x 8 = 400 s; plain: 11 x 8 = 88 s; recipe 20 s per epoch
+    assert "| the four nets trained alone | 50.00 ± 0.00 | 400 |" in text
+    assert "| the plain net | 11.00 ± 1.41 | 88 |" in text
+    assert "| ft_e2 | 2 | 40 | 0.10x | 128 | 0.32x |" in text
+    assert "| ft_e4 | 4 | 80 | 0.20x | 168 | 0.42x |" in text
+    assert "on a CPU" in text and "`CMD`" in text
