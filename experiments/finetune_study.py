@@ -388,8 +388,12 @@ def render(study: Study, agg: Mapping[str, Any], generated_by: str) -> str:
             for goal, met, detail in targets(lad, name):
                 lines.append(f"- {'met' if met else 'NOT met'}: {goal}: {detail}")
             lines.append("")
+        tried = [f"`{n}` ({r['note'].removeprefix('screen: ')}, {len(r['seeds'])} seeds)" for n, r in rows.items()
+                 if r["stage"] == "screen"]  # fmt: skip
+        if tried:
+            lines += ["Also tried (the recipe screen, each row against the final rows below): " + "; ".join(tried), ""]
         all_rows = [(f"{label} (ladder: `{b['row']}`)", b) for label, b in base.items()]
-        all_rows += [(n, r) for n, r in rows.items() if n != "independent_timed"]
+        all_rows += [(f"{n} (this machine)" if r["stage"] == "timing" else n, r) for n, r in rows.items()]
         depths = sorted({d for _, r in all_rows for d in r["mean"]}, key=float)
         lines += ["### Accuracy per depth", ""]
         lines += _table(
@@ -538,6 +542,8 @@ def cost_lines(cost: Mapping[str, Any], rows: Mapping[str, Any], command: str) -
 
 
 def report(study: Study, generated_by: str) -> None:
+    """Write ``<docs>/finetune.json`` and ``<docs>/RESULTS.md`` (with the hand-written ``<docs>/notes.md`` inserted
+    after the introduction, where it exists)."""
     agg = aggregate(study)
     cost_file = Path(study.docs) / "cost.json"
     if cost_file.is_file():
@@ -545,7 +551,12 @@ def report(study: Study, generated_by: str) -> None:
     write_json(Path(study.docs) / "finetune.json", agg)
     page = Path(study.docs) / "RESULTS.md"
     tmp = page.with_name(".RESULTS.md.tmp")
-    tmp.write_text(render(study, agg, generated_by))
+    text = render(study, agg, generated_by)
+    notes = Path(study.docs) / "notes.md"
+    if notes.is_file():
+        first = text.index("\n## ")
+        text = text[:first] + "\n" + notes.read_text().rstrip() + "\n" + text[first:]
+    tmp.write_text(text)
     os.replace(tmp, page)
 
 
