@@ -72,3 +72,25 @@ def test_the_stated_differences_are_the_ladders_json(ladder_name, quoted):
     plain = rungs["ctf"]["mean"]["1.0"] - rungs["full_only"]["mean"]["1.0"]
     said = re.search(rf"{abs(plain):.2f} (below|above) the\s+plain net", README[README.index(quoted) :])
     assert said and said.group(1) == ("above" if plain > 0 else "below")
+
+
+def test_the_fine_tuning_line_is_the_studys_json():
+    """The recipe's paired differences against the nets trained alone and the plain net, and its cost, as the README
+    states them, recomputed from docs/results/finetune/finetune.json."""
+    study = json.loads((ROOT / "docs" / "results" / "finetune" / "finetune.json").read_text())
+    lad = study["ladders"]["8k"]
+    recipe, alone, plain = lad["rows"]["ft_e4_lr05"], lad["baselines"]["independent"], lad["rows"]["plain"]
+
+    def paired(a: dict, b: dict, depth: str) -> float:
+        pairs = [(a["top1"][depth][i], b["top1"][depth][b["seeds"].index(s)]) for i, s in enumerate(a["seeds"])]
+        return sum(x - y for x, y in pairs) / len(pairs)
+
+    said = f"({' / '.join(f'{paired(recipe, alone, d):+.2f}' for d in DEPTHS[1:])})"
+    assert said in README, said
+    assert f"above the plain net at s = 1 ({paired(recipe, plain, '1.0'):+.2f})" in README
+    assert f"{-paired(recipe, alone, '0.25'):.2f}\n  below at s = 0.25" in README
+    cost = study["cost"]["seconds_per_epoch"]
+    epochs, schedule = recipe["overrides"]["train.epochs"], study["cost"]["epochs_of_schedule"]
+    mean = {name: sum(v) / len(v) for name, v in cost.items()}
+    ratio = epochs * mean["recipe"] / (schedule * mean["independent_timed"])
+    assert f"in {ratio:.2f}x the training time of the four nets" in README
