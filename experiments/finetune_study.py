@@ -38,6 +38,8 @@ from ablation import Job, Runner, preflight, write_json
 from ablation_report import _pm, _table, mean_std
 from ladder_spec import _check_keys, _settings, nearest
 
+from dist_coop.checkpoint import latest_checkpoint
+
 SPEC_KEYS = ("command", "docs", "records", "seeds", "ladders", "rows")
 LADDER_KEYS = ("name", "title", "schedule", "records", "baselines", "rows")
 ROW_KEYS = ("name", "config", "overrides", "seeds", "init_from", "keep", "stage", "note")
@@ -150,9 +152,22 @@ class StudyJob:
     row: StudyRow
     job: Job
 
+    @classmethod
+    def of(cls, ladder: Ladder, row: StudyRow, seed: int) -> StudyJob:
+        """``row`` of ``ladder`` on ``seed``: the ladder's schedule, then the row's overrides."""
+        return cls(ladder, row, Job(row.name, None, seed, row.config, {**ladder.schedule, **row.overrides}))
+
     @property
     def key(self) -> str:
         return f"{self.ladder.name}/{self.job.key}"
+
+    def source(self) -> StudyJob | None:
+        """The run this one starts from (its ``init_from`` row, same seed); None for a row trained from scratch."""
+        if self.row.init_from is None:
+            return None
+        return StudyJob.of(
+            self.ladder, next(r for r in self.ladder.rows if r.name == self.row.init_from), self.job.seed
+        )
 
 
 def study_jobs(study: Study, only: Sequence[str] = (), ladders: Sequence[str] = ()) -> list[StudyJob]:
@@ -164,7 +179,7 @@ def study_jobs(study: Study, only: Sequence[str] = (), ladders: Sequence[str] = 
         for s in seeds:
             for r in lad.rows:
                 if s in r.seeds and (not only or r.name in only):
-                    out.append(StudyJob(lad, r, Job(r.name, None, s, r.config, {**lad.schedule, **r.overrides})))
+                    out.append(StudyJob.of(lad, r, s))
     return out
 
 
@@ -177,7 +192,7 @@ def run_dir(runs_dir: Path, sj: StudyJob) -> Path:
 
 
 def has_checkpoint(folder: Path) -> bool:
-    return (folder / "checkpoints" / "latest").is_file()
+    return latest_checkpoint(folder) is not None
 
 
 def todo_jobs(study: Study, jobs: Sequence[StudyJob], runs_dir: Path) -> list[StudyJob]:
@@ -185,14 +200,9 @@ def todo_jobs(study: Study, jobs: Sequence[StudyJob], runs_dir: Path) -> list[St
     todo = [sj for sj in jobs if not record_file(study, sj).is_file()]
     sources = []
     for sj in todo:
-        if sj.row.init_from is None:
-            continue
-        src = next(r for r in sj.ladder.rows if r.name == sj.row.init_from)
-        sjob = StudyJob(
-            sj.ladder, src, Job(src.name, None, sj.job.seed, src.config, {**sj.ladder.schedule, **src.overrides})
-        )
-        if not has_checkpoint(run_dir(runs_dir, sjob)) and sjob.key not in {t.key for t in todo + sources}:
-            sources.append(sjob)
+        src = sj.source()
+        if src and not has_checkpoint(run_dir(runs_dir, src)) and src.key not in {t.key for t in todo + sources}:
+            sources.append(src)
     return sources + todo
 
 
@@ -208,9 +218,10 @@ def run_study(study: Study, todo: list[StudyJob], runs_dir: Path, jobs: int, thr
     done = 0
 
     def ready(sj: StudyJob) -> bool | None:  # None: its source failed
-        if sj.row.init_from is None:
+        source = sj.source()
+        if source is None:
             return True
-        src = f"{sj.ladder.name}/{sj.row.init_from}_s{sj.job.seed}"
+        src = source.key
         if src in failed:
             return None
         return src not in {t.key for t in waiting} | {t.key for t in running.values()}
@@ -228,8 +239,8 @@ def run_study(study: Study, todo: list[StudyJob], runs_dir: Path, jobs: int, thr
                 elif state:
                     waiting.remove(sj)
                     extra = {}
-                    if sj.row.init_from:
-                        extra["model.init"] = str(runs_dir / sj.ladder.name / f"{sj.row.init_from}_s{sj.job.seed}")
+                    if source := sj.source():
+                        extra["model.init"] = str(run_dir(runs_dir, source))
                     running[pool.submit(runners[sj.ladder.name].run, sj.job, keep=sj.row.keep, extra=extra)] = sj
             if not running:
                 continue
@@ -476,7 +487,7 @@ def measure_cost(study: Study, ladder: str, runs_dir: Path, repeats: int, thread
     timing = next((r for r in lad.rows if r.stage == "timing"), None)
     if final is None or timing is None:
         raise ValueError(f"ladder {ladder}: the cost needs a final row and a timing row")
-    source = runs_dir / lad.name / f"{final.init_from}_s0"
+    source = run_dir(runs_dir, StudyJob.of(lad, final, 0).source())
     if not has_checkpoint(source):
         raise ValueError(f"{source} has no checkpoint: run the sweep first (its plain net of seed 0 is the source)")
     rows = {PLAIN: next(r for r in lad.rows if r.name == PLAIN), timing.name: timing, "recipe": final}
